@@ -1,0 +1,161 @@
+"""LoRALinear: a frozen linear layer plus a trainable low-rank update.
+
+    x ──┬──> base_layer (frozen W [out, in]; nn.Linear or a 4-bit layer) ─────────┐
+        │                                                                         (+)──> y
+        └──> dropout ──> lora_A (r x in, Kaiming) ──> lora_B (out x r, zeros) ──> * scaling
+
+    y = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))      scaling = alpha / r
+                                                                   (rsLoRA: alpha / sqrt(r))
+
+The update ΔW = scaling * B @ A is never formed during training: the adapter path costs two
+thin matmuls, (..., in) -> (..., r) -> (..., out), and works the same whatever the base layer
+stores (a dense weight, or packed NF4 codes that only the base knows how to multiply by).
+Hu et al., "LoRA" (2021), and Kalajdzievski, "rsLoRA" (2023), for the sqrt(r) scaling.
+
+Design choices
+- Wrap, don't subclass (as torchtune): the base is any module with `in_features`, `out_features`
+  and `forward`; the names `base_layer`, `lora_A`, `lora_B`, `lora_dropout` are PEFT's, so state-dict
+  keys read `...q_proj.lora_A.weight` exactly as PEFT writes them.
+- Init as PEFT: A ~ kaiming_uniform_(a=sqrt(5)) (nn.Linear's default), B = 0, so at init
+  the adapter adds exactly 0 and the wrapped model's outputs are bit-identical.
+- Note: adapters are fp32 even when the base computes in bf16. x is cast to fp32 for the adapter
+  path, the base output is added to the fp32 update in fp32 (type promotion), and the sum is cast
+  back to the base output's dtype: one rounding instead of two, the same order of operations as
+  PEFT (so outputs match PEFT bit for bit), and downstream layers still see the base dtype.
+- Merging folds ΔW into a dense base weight in place (`merge`/`unmerge`, idempotent, guarded by
+  `merged`). A 4-bit base cannot hold W + ΔW exactly, so `merge` refuses it; `lora.merge_and_unload`
+  dequantizes instead and reports what re-quantizing would lose.
+"""
+
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or a duck-typed linear (a 4-bit layer): in/out features and a weight or dequantize()."""
+    if isinstance(module, LoRALinear):
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    has_shape = hasattr(module, "in_features") and hasattr(module, "out_features")
+    return has_shape and (hasattr(module, "weight") or callable(getattr(module, "dequantize", None)))
+
+
+def has_dense_weight(module: nn.Module) -> bool:
+    """True when `module.weight` is a floating-point [out, in] tensor that can be edited in place."""
+    if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
+        return False
+    w = getattr(module, "weight", None)
+    return (isinstance(w, Tensor) and w.is_floating_point()
+            and tuple(w.shape) == (module.out_features, module.in_features))
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A linear whose weight is stored packed (4-bit): no dense weight, but a dequantize()."""
+    if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
+        return False
+    return not has_dense_weight(module) and callable(getattr(module, "dequantize", None))
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The base layer's weight as a dense [out, in] tensor in its own dtype (dequantized if 4-bit)."""
+    if has_dense_weight(module):
+        return module.weight.detach()
+    if is_quantized(module):
+        return module.dequantize()
+    raise TypeError(f"{type(module).__name__} has neither a dense float weight [out, in] nor dequantize(); "
+                    "cannot read its weight")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    t = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+class LoRALinear(nn.Module):
+    """`y = base_layer(x) + scaling * lora_B(lora_A(lora_dropout(x)))`; see the module docstring."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if not is_linear_like(base):
+            raise TypeError(f"LoRALinear wraps a linear layer (nn.Linear or a module with in_features, "
+                            f"out_features and a weight or dequantize()); got {type(base).__name__}")
+        if not (isinstance(r, int) and r > 0 and alpha > 0 and 0 <= dropout < 1):
+            raise ValueError(f"need r > 0 (int), alpha > 0, 0 <= dropout < 1; got r={r!r}, alpha={alpha!r}, "
+                             f"dropout={dropout!r}")
+        self.base_layer = base.requires_grad_(False)             # frozen: only A and B train
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = _device_of(base)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.reset_lora_parameters()
+        self.merged = False     # True while ΔW is folded into base_layer.weight
+        self.disabled = False   # True: forward is base_layer(x) alone
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (some model code reads `proj.weight.dtype` / `.device`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)                                   # (..., out), base dtype
+        if self.merged:
+            if self.disabled:
+                raise RuntimeError("this LoRA layer is merged into its base weight, so it cannot be disabled; "
+                                   "call lora.unmerge(model) first")
+            return out
+        if self.disabled:
+            return out
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r), fp32
+        delta = self.lora_B(h) * self.scaling                      # (..., out), fp32
+        return (out + delta).to(out.dtype)                         # add in fp32, one rounding
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = scaling * B @ A, fp32 [out, in]. For merging only: forward never builds it."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, r) @ (r, in)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + ΔW in place (dense base only). Idempotent."""
+        if self.merged:
+            return
+        w = self._editable_weight("merge")
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - ΔW in place. Idempotent. Exact in fp32 up to rounding; bf16 loses ~1 ulp."""
+        if not self.merged:
+            return
+        w = self._editable_weight("unmerge")
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def _editable_weight(self, what: str) -> Tensor:
+        if not has_dense_weight(self.base_layer):
+            raise ValueError(f"cannot {what} in place into a {type(self.base_layer).__name__} base: a 4-bit "
+                             "weight cannot hold W + scaling*B@A exactly. Use lora.merge_and_unload(model) "
+                             "for dense merged layers, or merge_and_unload(model, requantize=True) to "
+                             "re-quantize with a report of what is lost")
+        return self.base_layer.weight.data
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}, "
+                f"disabled={self.disabled}")

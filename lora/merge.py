@@ -1,0 +1,105 @@
+"""Folding adapters into the base weights: merge / unmerge in place, and merge_and_unload.
+
+    merge:            W <- W + scaling * B @ A      (dense bases only; idempotent, guarded by `merged`)
+    unmerge:          W <- W - scaling * B @ A      (exact up to one rounding of W's dtype)
+    merge_and_unload: LoRALinear -> plain layer holding W + ΔW; the model no longer has LoRA
+
+A 4-bit base cannot be edited in place: NF4 has 16 levels per block, and an update ΔW is usually far
+smaller than one quantization step, so W + ΔW re-quantized mostly rounds back to W. `merge()` therefore
+raises on 4-bit bases (before touching any layer) and points to merge_and_unload, which dequantizes,
+adds ΔW in fp32 and keeps a dense nn.Linear (default), or re-quantizes through the base's own
+`quantized_copy(W)` and reports, per layer, how much of the update the stored weight lost:
+
+    lost = ||W_stored - (W + ΔW)||_F / ||ΔW||_F        0: all of it kept; ~1: as if never trained
+
+The report (a list of dicts) is attached to the returned model as `model.lora_merge_report`.
+"""
+
+import torch
+import torch.nn as nn
+
+from .inject import lora_layers
+from .layer import LoRALinear, dense_weight, has_dense_weight, is_quantized
+
+
+def _require_layers(model: nn.Module, what: str) -> list[tuple[str, LoRALinear]]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"cannot {what}: the model has no LoRA layers (call lora.inject or lora.load first)")
+    return layers
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Folds every adapter into its dense base weight in place; forward then skips the adapter path."""
+    layers = _require_layers(model, "merge")
+    packed = [n for n, m in layers if not has_dense_weight(m.base_layer)]
+    if packed:
+        raise ValueError(f"cannot merge in place: {len(packed)} LoRA layers have a 4-bit base (e.g. {packed[0]!r}) "
+                         "that cannot hold W + scaling*B@A exactly. Use lora.merge_and_unload(model) for dense "
+                         "merged layers, or merge_and_unload(model, requantize=True) to re-quantize with a "
+                         "report of what is lost")
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undoes merge(): subtracts every merged adapter from its base weight. Idempotent."""
+    for _, layer in _require_layers(model, "unmerge"):
+        layer.unmerge()
+    return model
+
+
+@torch.no_grad()
+def _fold(layer: LoRALinear, requantize: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(new plain module, intended fp32 weight W + ΔW, the weight the new module really holds, fp32)."""
+    layer.unmerge()                               # start from W itself (no-op unless merged in place)
+    base, delta = layer.base_layer, layer.delta_weight()       # delta: (out, in) fp32
+    w = dense_weight(base)                                     # (out, in), base dtype
+    intended = w.float() + delta
+    if has_dense_weight(base):                    # edit the existing nn.Linear, no second copy
+        base.weight.data.copy_(intended.to(w.dtype))
+        return base, intended, base.weight.float()
+    if requantize:
+        new = base.quantized_copy(intended.to(w.dtype))
+        return new, intended, new.dequantize().float()
+    bias = getattr(base, "bias", None)
+    new = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(intended)
+    if bias is not None:
+        new.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
+    new.weight.requires_grad_(False)
+    return new, intended, new.weight.float()
+
+
+def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
+    """Replaces every LoRALinear by a plain layer holding W + ΔW; returns the model (see module docstring).
+
+    requantize=False: 4-bit bases become dense nn.Linear (dtype of their dequantized weight).
+    requantize=True: 4-bit bases are re-quantized via `base.quantized_copy(W + ΔW)`; dense bases stay dense.
+    """
+    layers = _require_layers(model, "merge_and_unload")
+    if requantize:
+        missing = [n for n, m in layers if is_quantized(m.base_layer)
+                   and not callable(getattr(m.base_layer, "quantized_copy", None))]
+        if missing:
+            raise ValueError(f"requantize=True needs base.quantized_copy(weight); {missing[0]!r} "
+                             f"({type(dict(layers)[missing[0]].base_layer).__name__}) has none. "
+                             "Use requantize=False to keep dense merged weights")
+    modules, report = dict(model.named_modules()), []
+    for name, layer in layers:
+        new, intended, stored = _fold(layer, requantize)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, new)
+        report.append(_report_row(name, intended - stored, layer.delta_weight(),
+                                  requantized=requantize and is_quantized(new)))
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    model.lora_merge_report = report
+    return model
+
+
+def _report_row(name: str, error: torch.Tensor, delta: torch.Tensor, requantized: bool) -> dict:
+    err, dn = error.norm().item(), delta.norm().item()
+    lost = err / dn if dn > 0 else (0.0 if err == 0 else float("inf"))
+    return {"module": name, "delta_norm": dn, "error_norm": err, "lost": lost, "requantized": requantized}

@@ -1,0 +1,138 @@
+"""LoRALinear against the dense reference y = x @ (W + s * B @ A)^T + b, computed in fp64."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora import LoRALinear
+
+# Tolerances, relative to max|reference|:
+# - fp32: a dot product of K <= 400 terms accumulates ~sqrt(K) * 2^-24 relative error (measured 0.8-1.8e-7);
+#   1e-5 leaves room for another summation order without hiding a wrong formula (those err by ~1e-1).
+# - bf16 base: the base output is rounded to bf16 once, and base + delta once more: 2 * 2^-8 at most
+#   (measured 2-4e-3).
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
+SHAPES = [pytest.param((16, 24, (2, 3)), id="16to24"), pytest.param((300, 400, (5,)), id="300to400")]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+RANKS = [pytest.param(1, id="r1"), pytest.param(8, id="r8")]
+RSLORA = [pytest.param(False, id="alpha_over_r"), pytest.param(True, id="alpha_over_sqrt_r")]
+
+
+def assert_close(actual, expected, rel, what):
+    diff = (actual.double() - expected.double()).abs()
+    scale = expected.double().abs().max().clamp_min(1e-12)
+    assert diff.max() <= rel * scale, (f"{what}: max diff {diff.max():.3e}, mean diff {diff.mean():.3e}, "
+                                       f"allowed {rel * scale:.3e} ({rel:g} x max|ref| {scale:.3e})")
+
+
+def make_layer(n_in, n_out, dtype, r, use_rslora=False, dropout=0.0, random_b=True):
+    torch.manual_seed(0)
+    base = nn.Linear(n_in, n_out, bias=True, dtype=dtype)
+    layer = LoRALinear(base, r=r, alpha=2 * r, dropout=dropout, use_rslora=use_rslora)
+    if random_b:
+        nn.init.normal_(layer.lora_B.weight, std=1.0 / math.sqrt(r))
+    return layer
+
+
+def reference(layer, x):
+    """fp64 dense formula, on exactly the values the layer holds (bf16 values are exact in fp64)."""
+    w = layer.base_layer.weight.double()                                  # (out, in)
+    a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()     # (r, in), (out, r)
+    return x.double() @ (w + layer.scaling * b @ a).T + layer.base_layer.bias.double()
+
+
+@pytest.mark.parametrize("use_rslora", RSLORA)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_dense_formula(shape, dtype, r, use_rslora):
+    n_in, n_out, lead = shape
+    layer = make_layer(n_in, n_out, dtype, r, use_rslora)
+    x = torch.randn(*lead, n_in).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (*lead, n_out)
+    assert_close(y, reference(layer, x), REL_TOL[dtype], "forward")
+
+
+@pytest.mark.parametrize("use_rslora", RSLORA)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_dense_formula(shape, dtype, r, use_rslora):
+    n_in, n_out, lead = shape
+    layer = make_layer(n_in, n_out, dtype, r, use_rslora)
+    x = torch.randn(*lead, n_in).to(dtype).requires_grad_(True)
+    g = torch.randn(*lead, n_out).to(dtype)                               # upstream gradient, dtype-exact
+    (layer(x) * g).sum().backward()
+
+    a = layer.lora_A.weight.detach().double().requires_grad_(True)
+    b = layer.lora_B.weight.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    w = layer.base_layer.weight.double()
+    y_ref = x64 @ (w + layer.scaling * b @ a).T
+    (y_ref * g.double()).sum().backward()
+
+    assert layer.base_layer.weight.grad is None, "the base weight must stay frozen"
+    # dA, dB come from fp32 adapter math on dtype-exact inputs: fp32 accuracy even for a bf16 base.
+    assert_close(layer.lora_A.weight.grad, a.grad, REL_TOL[torch.float32], "dA")
+    assert_close(layer.lora_B.weight.grad, b.grad, REL_TOL[torch.float32], "dB")
+    assert_close(x.grad, x64.grad, REL_TOL[dtype], "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_unchanged_at_init_exactly(dtype):
+    layer = make_layer(32, 48, dtype, r=4, dropout=0.1, random_b=False).train()
+    x = torch.randn(3, 32).to(dtype)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_init_is_kaiming_a_and_zero_b_in_fp32(dtype):
+    layer = make_layer(64, 16, dtype, r=8, random_b=False)
+    bound = 1 / math.sqrt(64)                     # kaiming_uniform_(a=sqrt(5)) on fan_in=64
+    a = layer.lora_A.weight
+    assert a.dtype == torch.float32 and layer.lora_B.weight.dtype == torch.float32
+    assert a.shape == (8, 64) and layer.lora_B.weight.shape == (16, 8)
+    assert a.abs().max() <= bound and a.std() > 0.4 * bound   # uniform on ±bound has std bound/sqrt(3)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+@pytest.mark.parametrize("use_rslora, expected", [pytest.param(False, 16 / 8, id="alpha_over_r"),
+                                                  pytest.param(True, 16 / math.sqrt(8), id="alpha_over_sqrt_r")])
+def test_scaling(use_rslora, expected):
+    layer = LoRALinear(nn.Linear(4, 4), r=8, alpha=16, use_rslora=use_rslora)
+    assert layer.scaling == pytest.approx(expected, rel=1e-12)
+
+
+def test_disabled_returns_base_output_exactly():
+    layer = make_layer(16, 24, torch.float32, r=4)
+    x = torch.randn(2, 16)
+    layer.disabled = True
+    assert torch.equal(layer(x), layer.base_layer(x))
+    layer.disabled = False
+    assert not torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_dropout_acts_on_adapter_input_only():
+    layer = make_layer(16, 24, torch.float32, r=4, dropout=0.5)
+    x = torch.randn(64, 16)
+    assert isinstance(layer.lora_dropout, nn.Dropout)
+    layer.eval()
+    assert_close(layer(x), reference(layer, x), REL_TOL[torch.float32], "eval mode: no dropout")
+    layer.train()
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    mask_x = nn.functional.dropout(x, 0.5, training=True)
+    expected = layer.base_layer(x) + layer.scaling * mask_x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    assert_close(y, expected, REL_TOL[torch.float32], "train mode: dropout(x) on the adapter path")
+
+
+def test_weight_and_bias_delegate_to_base():
+    base = nn.Linear(8, 4)
+    layer = LoRALinear(base, r=2, alpha=4)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert (layer.in_features, layer.out_features) == (8, 4)
+    assert "r=2" in repr(layer)
