@@ -1,0 +1,30 @@
+"""QLoRA on SST-2: SmolLM2-135M, zero-shot vs fine-tuned on the 872-sentence dev set (the main job).
+
+    python examples/sst2.py                       # ~15 min on a 2-core CPU
+    python examples/sst2.py --limit 16 --max-steps 2   # smoke run
+"""
+from common import parser, recipe_from_args
+
+from train.data import LABELS, load_split
+from train.recipe import run_classification
+
+NEW_TEXTS = [
+    "a gorgeous, witty, seductive movie.",
+    "the plot is paper-thin and the acting is worse.",
+    "I expected little and was pleasantly surprised by how moving it was.",
+    "two hours of my life I will never get back.",
+]
+
+
+def main() -> None:
+    args = parser(__doc__, train_limit=4000, out_name="sst2").parse_args()
+    train_n = args.train_limit if args.limit is None else min(args.train_limit, args.limit)
+    train_rows = load_split("sst2", "train", data_dir=args.data_dir, limit=train_n, seed=args.seed)
+    test_rows = load_split("sst2", "test", data_dir=args.data_dir, limit=args.limit, seed=args.seed)
+    recipe = recipe_from_args(args, instruction="Is the sentiment of this movie review negative or positive?",
+                              label_words=("negative", "positive"))
+    run_classification(recipe, train_rows, test_rows, LABELS["sst2"], new_texts=NEW_TEXTS)
+
+
+if __name__ == "__main__":
+    main()

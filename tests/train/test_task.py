@@ -1,0 +1,333 @@
+"""train.task: prompts, truncation, batching, and the label-word loss identity on tiny random models."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.task import IGNORE, ClassificationTask, GenerationTask, SequenceClassificationTask
+
+WORDS = ("negative neutral positive classify the sentiment of this review text a great bad film movie was is "
+         "boring loved it plot acting answer question context unanswerable where paris france capital in city "
+         "who what Answer Context Question ! ? . , :").split()
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+INSTRUCTION = "classify the sentiment of this review :"
+# fp32 on CPU: the two paths do the same matmuls in a different grouping; measured max diff ~1e-6
+ATOL = 1e-5
+
+
+def tiny_tokenizer(chat: bool = True):
+    """A word-level tokenizer of < 64 tokens with a ChatML template (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<eos>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens(["<pad>", "<unk>", "<eos>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    if chat:
+        tok.chat_template = CHATML
+    return tok
+
+
+def tiny_llama(vocab_size: int = 128, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab_size, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def full_vocab_label_logits(model, batch, label_ids):
+    """The reference: all-vocabulary logits at the last prompt position, restricted to the label tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    last = logits[torch.arange(len(logits)), batch["last_index"]]                             # (B, V)
+    return last[:, label_ids]                                                                  # (B, C)
+
+
+def _report(a, b):
+    d = (a - b).abs()
+    return f"max diff {d.max().item():.3g}, mean diff {d.mean().item():.3g}"
+
+
+EXAMPLES = [{"text": "a great film , loved it !", "label": 2}, {"text": "boring", "label": 0},
+            {"text": "the plot was bad but the acting is great", "label": 1}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def task(tok):
+    return ClassificationTask(tok, ["negative", "neutral", "positive"], instruction=INSTRUCTION, system="classify")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the identity: label-word logits/loss == full-vocabulary logits at the answer position, restricted
+
+def test_label_logits_equal_full_vocabulary_logits(task):
+    model = tiny_llama()
+    batch = task.collate(EXAMPLES)
+    with torch.no_grad():
+        ours, ref = task.label_logits(model, batch), full_vocab_label_logits(model, batch, task.label_ids)
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0, msg=lambda _: _report(ours, ref))
+
+
+def test_loss_and_gradients_equal_full_vocabulary_cross_entropy(task):
+    model = tiny_llama()
+    batch = task.collate(EXAMPLES)
+    loss, info = task.loss(model, batch)
+    ref = F.cross_entropy(full_vocab_label_logits(model, batch, task.label_ids), batch["labels"])
+    assert loss.item() == pytest.approx(ref.item(), abs=ATOL)
+    assert info["n_tokens"] == int(batch["attention_mask"].sum())
+    g_ours = torch.autograd.grad(loss, model.model.layers[0].mlp.up_proj.weight)[0]
+    g_ref = torch.autograd.grad(ref, model.model.layers[0].mlp.up_proj.weight)[0]
+    torch.testing.assert_close(g_ours, g_ref, atol=ATOL, rtol=1e-4, msg=lambda _: _report(g_ours, g_ref))
+
+
+def test_right_padding_does_not_change_an_example(task):
+    model = tiny_llama()
+    with torch.no_grad():
+        batched = task.label_logits(model, task.collate(EXAMPLES))                      # (3, C)
+        alone = torch.cat([task.label_logits(model, task.collate([e])) for e in EXAMPLES])
+    torch.testing.assert_close(batched, alone, atol=ATOL, rtol=0, msg=lambda _: _report(batched, alone))
+
+
+def test_final_logit_softcapping_is_applied():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=16, vocab_size=128, final_logit_softcapping=0.5,
+                              sliding_window=8, pad_token_id=0)
+    model = Gemma3ForCausalLM(config).eval()
+    task = ClassificationTask(tiny_tokenizer(), ["negative", "positive"], instruction=INSTRUCTION)
+    batch = task.collate(EXAMPLES[:2])
+    with torch.no_grad():
+        ours, ref = task.label_logits(model, batch), full_vocab_label_logits(model, batch, task.label_ids)
+    assert ours.abs().max() <= 0.5  # capped
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0, msg=lambda _: _report(ours, ref))
+
+
+def test_a_wrapped_head_is_run_at_the_answer_positions(task):
+    class Wrapped(nn.Module):  # e.g. a LoRA or 4-bit head: not a plain nn.Linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2.0
+
+    model = tiny_llama()
+    batch = task.collate(EXAMPLES)
+    with torch.no_grad():
+        ref = full_vocab_label_logits(model, batch, task.label_ids) * 2.0
+        model.lm_head = Wrapped(model.lm_head)
+        ours = task.label_logits(model, batch)
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompts, verbalizer, truncation, batching
+
+def test_chat_prompt_has_system_instruction_text_and_generation_prompt(tok, task):
+    prompt = task.prompt("a great film")
+    assert prompt.startswith("<|im_start|> system classify <|im_end|>")
+    assert "<|im_start|> user classify the sentiment of this review : a great film <|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|> assistant")
+    assert task.label_ids == tok.convert_tokens_to_ids(["negative", "neutral", "positive"])
+
+
+def test_plain_prompt_and_few_shot(tok):
+    task = ClassificationTask(tok, ["negative", "positive"], instruction=INSTRUCTION, use_chat_template=False,
+                              few_shot=[("boring", 0), ("loved it", "positive")])
+    assert task.prompt("great") == ("classify the sentiment of this review : boring Answer : negative "
+                                    "loved it Answer : positive great Answer :")
+    chat = ClassificationTask(tok, ["negative", "positive"], instruction=INSTRUCTION, few_shot=[("boring", 0)])
+    assert "boring <|im_end|> <|im_start|> assistant negative <|im_end|>" in chat.prompt("great")
+
+
+def test_no_chat_template_means_plain_text():
+    plain_tok = tiny_tokenizer(chat=False)
+    assert not ClassificationTask(plain_tok, ["negative", "positive"], instruction="classify").use_chat_template
+    with pytest.raises(ValueError, match="no chat template"):
+        ClassificationTask(plain_tok, ["negative", "positive"], instruction="classify", use_chat_template=True)
+
+
+def test_label_words_must_start_with_distinct_tokens(tok):
+    with pytest.raises(ValueError, match="distinct"):
+        ClassificationTask(tok, ["great", "great film"], instruction=INSTRUCTION)
+
+
+def test_truncation_cuts_only_the_text_and_warns_once(tok):
+    task = ClassificationTask(tok, ["negative", "positive"], instruction=INSTRUCTION, max_length=20)
+    scaffold = len(task.prefix_ids) + len(task.suffix_ids)
+    long_text = " ".join(["great film"] * 30)
+    with pytest.warns(UserWarning, match="cut") as record:
+        ids = task.encode(long_text)
+        task.encode(long_text)
+    assert len(record) == 1 and task.n_truncated == 2
+    assert len(ids) == 20 and ids[: len(task.prefix_ids)] == task.prefix_ids
+    assert ids[-len(task.suffix_ids):] == task.suffix_ids and 20 - scaffold == task.budget
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(task.encode("great")) == scaffold + 1  # short texts are untouched, silently
+
+
+def test_scaffold_longer_than_max_length_is_an_error(tok):
+    with pytest.raises(ValueError, match="max_length"):
+        ClassificationTask(tok, ["negative", "positive"], instruction=INSTRUCTION, max_length=8)
+
+
+def test_collate_pads_right_to_the_batch_max(task, tok):
+    batch = task.collate(EXAMPLES[:2])
+    lengths = [len(task.encode(e["text"])) for e in EXAMPLES[:2]]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["last_index"].tolist() == [n - 1 for n in lengths]
+    assert batch["labels"].tolist() == [2, 0]
+    assert batch["input_ids"][1, lengths[1]:].eq(tok.pad_token_id).all()
+    pre = task.collate([{"input_ids": task.encode("boring"), "label": 0}])  # pre-encoded rows work too
+    assert pre["input_ids"].tolist() == [task.encode("boring")]
+    assert task.length(EXAMPLES[1]) == lengths[1]
+
+
+def test_predict_proba_restores_order_and_mode(task):
+    model = tiny_llama().train()
+    texts = [e["text"] for e in EXAMPLES] + ["great"]
+    probs = task.predict_proba(model, texts, batch_size=2)
+    assert model.training  # restored
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        one_by_one = np.stack([task.label_logits(model, task.collate([{"text": t}])).softmax(-1)[0].numpy()
+                               for t in texts])
+    np.testing.assert_allclose(probs, one_by_one, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# encoder classification
+
+def test_sequence_classification_task_loss_is_ce_of_the_head(tok):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     num_labels=3)).eval()
+    task = SequenceClassificationTask(tok, 3, max_length=4)
+    with pytest.warns(UserWarning, match="cut"):
+        batch = task.collate(EXAMPLES)
+    assert batch["input_ids"].shape[1] == 4 and task.n_truncated == 2
+    loss, _ = task.loss(model, batch)
+    ref = F.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                          batch["labels"])
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
+    assert task.predict_proba(model, ["great", "bad film"]).shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SQuAD as generation
+
+QA = [{"id": "1", "context": "paris is the capital of france .", "question": "what is the capital of france ?",
+       "answers": ["paris"], "is_impossible": False},
+      {"id": "2", "context": "the film was boring .", "question": "who loved it ?", "answers": [],
+       "is_impossible": True}]
+
+
+def test_generation_labels_cover_only_the_answer(tok):
+    task = GenerationTask(tok)
+    enc = task.encode(QA[0])
+    n_answer = sum(l != IGNORE for l in enc["labels"])
+    assert n_answer == 2  # "paris" + <|im_end|>
+    assert enc["labels"][-2:] == enc["input_ids"][-2:] == [tok.convert_tokens_to_ids("paris"), task.end_id]
+    assert task.end_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert task.target(QA[1]) == "unanswerable"
+    assert "Question : who loved it ?" in tok.decode(task.encode_prompt(QA[1]))
+
+
+def test_generation_loss_equals_hf_shifted_cross_entropy(tok):
+    model = tiny_llama()
+    task = GenerationTask(tok)
+    batch = task.collate(QA)
+    loss, info = task.loss(model, batch)
+    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert loss.item() == pytest.approx(ref.item(), abs=ATOL)
+    assert info["n_tokens"] == int((batch["labels"] != IGNORE).sum())
+
+
+def test_generation_context_is_truncated_not_the_question(tok):
+    task = GenerationTask(tok, max_length=60)
+    long = dict(QA[0], context=" ".join(["the film was boring ."] * 40))
+    with pytest.warns(UserWarning, match="context was cut"):
+        enc = task.encode(long)
+    assert len(enc["input_ids"]) == 60
+    assert "Question : what is the capital of france ?" in tok.decode(enc["input_ids"])
+
+
+def test_batched_left_padded_generation_matches_one_by_one(tok):
+    model = tiny_llama(seed=1)
+    task = GenerationTask(tok)
+    batched = task.generate(model, QA, max_new_tokens=5, batch_size=2)
+    single = [task.generate(model, [q], max_new_tokens=5)[0] for q in QA]
+    assert batched == single and all(isinstance(a, str) for a in batched)
+
+
+@pytest.mark.parametrize("generated, expected", [
+    ("Paris.", "Paris"), ("  \"the Normans\"\nmore text", "the Normans"), ("unanswerable", ""),
+    ("Unanswerable.", ""), ("", "")], ids=["period", "quotes+newline", "abstain", "abstain-case", "empty"])
+def test_extract_answer(tok, generated, expected):
+    assert GenerationTask(tok).extract_answer(generated) == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the real SmolLM2 tokenizer (tokenizer only: no weights are run)
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    from train import models
+
+    try:
+        return models.load_tokenizer("smollm2-135m")
+    except ModuleNotFoundError as e:
+        pytest.skip(f"SmolLM2 package not installed: {e}")
+
+
+SST2_LIKE = ["it 's a charming and often affecting journey . ",
+             "unflinchingly bleak and desperate ",
+             "the acting , costumes , music , cinematography and sound are all astounding given the production 's "
+             "austere locales ."]
+
+
+@pytest.mark.real
+def test_smollm2_prompt_tokenizes_like_the_whole_string(smol_tok):
+    # the recipe's default prompt (train/recipe.py): best zero-shot of the variants tried on SST-2 dev
+    task = ClassificationTask(smol_tok, ["negative", "positive"], system="You are a sentiment classifier.",
+                              instruction="Classify the sentiment of the text.")
+    assert smol_tok.convert_ids_to_tokens(task.label_ids) == ["negative", "positive"]
+    for text in SST2_LIKE:
+        ids = task.encode(text)
+        whole = smol_tok.decode(ids)
+        assert whole.startswith("<|im_start|>system\nYou are a sentiment classifier.<|im_end|>\n<|im_start|>user\n")
+        assert whole.endswith(f"{text.strip()}<|im_end|>\n<|im_start|>assistant\n")
+        assert smol_tok(whole, add_special_tokens=False)["input_ids"] == ids  # split == joint tokenization
+    assert len(task.prefix_ids) + len(task.suffix_ids) == 29  # the scaffold every example pays for
+
+
+@pytest.mark.real
+def test_loss_identity_with_the_smollm2_tokenizer(smol_tok):
+    model = tiny_llama(vocab_size=len(smol_tok))
+    task = ClassificationTask(smol_tok, ["negative", "positive"], system="You are a sentiment classifier.",
+                              instruction="Is the sentiment of this movie review negative or positive?")
+    batch = task.collate([{"text": t, "label": i % 2} for i, t in enumerate(SST2_LIKE)])
+    loss, _ = task.loss(model, batch)
+    ref = F.cross_entropy(full_vocab_label_logits(model, batch, task.label_ids), batch["labels"])
+    assert loss.item() == pytest.approx(ref.item(), abs=ATOL)

