@@ -1,0 +1,115 @@
+"""Shared benchmark plumbing: timing, the measured copy bandwidth, the table, and the JSON record.
+
+Timing is the median of repeats: `triton.testing.do_bench` on CUDA (it flushes L2 between runs, so a
+dequantize is not timed out of cache), `torch.utils.benchmark.Timer.blocked_autorange` elsewhere. The
+physical limit a memory-bound kernel is compared with is a copy measured in the same process
+(`copy_bandwidth`), never a datasheet number (STYLE rule 20).
+"""
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Run from a checkout without installing: `python benchmarks/bench_x.py` puts benchmarks/ first on the path.
+sys.path.insert(0, str(RESULTS.parent.parent))
+
+
+def pick_device(name=None, threads=1):
+    """The device to time on. CPU timings use `threads` intra-op threads: 1 by default, because on shared
+    cores a second thread gets descheduled and medians jump by the scheduler's 10-20 ms time slice."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    return device
+
+
+def time_ms(fn, device, min_run_time=0.2):
+    """Median milliseconds of fn() on `device`."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+            return do_bench(fn, warmup=25, rep=100, return_mode="median")
+        except ImportError:
+            pass
+    fn()  # warm-up: lazy init, autotuning, allocator
+    # Timer runs single-threaded unless told otherwise; time what a user of this process gets.
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def copy_bandwidth(device, nbytes=256 << 20):
+    """GB/s of dst.copy_(src) for `nbytes` buffers: read + write, the ceiling of a streaming kernel."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / ms / 1e6
+
+
+def environment(device):
+    """Device and versions for the JSON record."""
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = _cpu_name()
+    for pkg in ("triton", "bitsandbytes"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception as e:  # noqa: BLE001 - a broken optional install is worth recording, not fatal
+            info[pkg] = f"unavailable ({type(e).__name__})"
+    return info
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def to_bnb_state(state, dtype):
+    """quant.NF4State -> bitsandbytes QuantState over the same tensors (no copies).
+
+    Keeps the 2-D shape (bnb.matmul_4bit needs it): bnb 0.50's CPU dequantize is wrong for 2-D weights whose
+    in_features is not a multiple of blocksize, which the benchmark shapes all are.
+    """
+    from bitsandbytes.functional import QuantState
+    nested = None
+    if state.nested_absmax is not None:
+        nested = QuantState(absmax=state.nested_absmax, code=state.nested_code,
+                            blocksize=state.nested_blocksize, dtype=torch.float32)
+    return QuantState(absmax=state.absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                      quant_type="nf4", dtype=dtype, offset=state.offset, state2=nested)
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header, format)."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append(["" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def save_json(name, env, rows, **extra):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"environment": env, **extra, "rows": rows}, indent=2, default=str))
+    os.replace(tmp, path)
+    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+    return path

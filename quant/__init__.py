@@ -1,0 +1,20 @@
+"""quant: NF4 4-bit weights (bitsandbytes-compatible bytes) and the frozen Linear4bit layer.
+
+    import quant
+    quant.quantize(model, blocksize=64, double_quant=True)   # nn.Linear -> quant.Linear4bit, in place
+    print(quant.format_memory_report(quant.memory_report(model)))
+"""
+from quant.linear import Linear4bit, quantize
+from quant.nf4 import NF4_CODE, NF4State, dequantize_nf4, quantize_nf4
+from quant.report import format_memory_report, memory_report
+
+__all__ = [
+    "Linear4bit",
+    "quantize",
+    "memory_report",
+    "format_memory_report",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "NF4State",
+    "NF4_CODE",
+]
