@@ -27,7 +27,7 @@ def parser(description: str, *, train_limit: int, out_name: str) -> argparse.Arg
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--targets", default="all-linear")
     p.add_argument("--backend", default=None, choices=[None, "torch", "bnb", "triton"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])

@@ -17,7 +17,7 @@ NEW_TEXTS = [
 
 
 def main() -> None:
-    args = parser(__doc__, train_limit=4000, out_name="sst2").parse_args()
+    args = parser(__doc__, train_limit=6000, out_name="sst2").parse_args()
     train_n = args.train_limit if args.limit is None else min(args.train_limit, args.limit)
     train_rows = load_split("sst2", "train", data_dir=args.data_dir, limit=train_n, seed=args.seed)
     test_rows = load_split("sst2", "test", data_dir=args.data_dir, limit=args.limit, seed=args.seed)

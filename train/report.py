@@ -28,14 +28,17 @@ _SQUAD_COLUMNS = [("exact", "EM"), ("f1", "F1"), ("has_ans_f1", "HasAns F1"), ("
 
 
 def write_report(out_dir: str | os.PathLike, *, rows: dict[str, dict], predictions: Sequence[dict] = (),
-                 label_names: Sequence[str] = (), config=None, elapsed: float | None = None) -> Path:
-    """Writes the four kinds of file into out_dir (created if needed) and returns its path."""
+                 label_names: Sequence[str] = (), config=None, elapsed: float | None = None,
+                 extra: dict | None = None) -> Path:
+    """Writes the four kinds of file into out_dir (created if needed) and returns its path.
+
+    `extra` entries (training stats, memory, parameter counts) go at the top level of metrics.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = ordered_rows(rows)
     summary = {**{n: rows[n] for n in names},
                "elapsed_s": None if elapsed is None else round(float(elapsed), 2),
-               "label_names": list(label_names), "config": _plain(config)}
+               "label_names": list(label_names), **(extra or {}), "config": _plain(config)}
     _atomic_write_text(out / "metrics.json", json.dumps(_plain(summary), indent=2, default=str) + "\n")
     _atomic_write_text(out / "results.md", results_markdown(rows, label_names, elapsed))
     if predictions:
