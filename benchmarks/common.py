@@ -113,3 +113,86 @@ def save_json(name, env, rows, **extra):
     os.replace(tmp, path)
     print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# process memory and one-process-per-side runs (bench_train_step, bench_task)
+
+def rss_bytes(field="VmRSS"):
+    """This process's resident set size (VmRSS) or its high-water mark (VmHWM), from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def max_rss_bytes():
+    """Peak RSS of this process since it started, or since the last `reset_peak_rss()` (ru_maxrss)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_peak_rss():
+    """Sets the RSS high-water mark (VmHWM, and with it ru_maxrss) back to the current RSS; False if refused.
+
+    Writing "5" to /proc/self/clear_refs (Linux >= 4.0) is the only way to measure the peak of one phase of a
+    process, e.g. the training steps without the model load that came before them.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(script, args, timeout=None):
+    """Runs `python script *args --result-file F` in a fresh process; returns the dict it wrote to F as JSON.
+
+    One process per measured side: each gets its own peak RSS and allocator, and neither inherits the other's
+    imports, caches or threads. The child's stdout/stderr pass through, so progress stays visible.
+    """
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(script), *map(str, args), "--result-file", str(out)]
+        proc = subprocess.run(cmd, timeout=timeout)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"child failed (exit {proc.returncode}): {' '.join(cmd)}")
+        return json.loads(out.read_text())
+
+
+def write_child_result(path, result):
+    Path(path).write_text(json.dumps(result, default=str))
+
+
+def cpu_busy_fraction(seconds=2.0):
+    """Fraction of all CPU time spent busy over the next `seconds` (from /proc/stat), whoever spent it.
+
+    Called while this process sleeps, it measures the others: on 2 shared cores a second busy process halves a
+    2-thread run and stalls its OpenMP barriers for a scheduler slice, so timings taken then are not the code's.
+    """
+    import time
+
+    def sample():
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_until_idle(max_busy=0.15, timeout_minutes=0.0):
+    """Waits (up to `timeout_minutes`) for the CPUs to be idle; returns the last busy fraction measured."""
+    import time
+    deadline = time.monotonic() + 60 * timeout_minutes
+    busy = cpu_busy_fraction()
+    while busy > max_busy and time.monotonic() < deadline:
+        print(f"  CPUs {busy:.0%} busy with other work; waiting for them to be idle", flush=True)
+        time.sleep(20)
+        busy = cpu_busy_fraction()
+    if busy > max_busy:
+        print(f"  WARNING: CPUs {busy:.0%} busy with other work: the timings below are contaminated", flush=True)
+    return busy

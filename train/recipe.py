@@ -7,13 +7,17 @@
       -> fine-tuned probabilities -> metrics.json / results.md / predictions.csv / PNGs -> adapter
 
 The examples in examples/ only choose the data, the label words and the prompt; everything that runs lives
-here, so that a change to the recipe reaches every task at once.
+here, so that a change to the recipe reaches every task at once. What they share besides the run itself:
+`balanced_sample` (stratified, seeded samples: per class, or per language and class), per-group metrics
+(`group_key="language"`: accuracy, macro F1 and AUC per group, in metrics.json and results.md), head+tail
+truncation of long texts (`keep`), and k-shot prompts whose shots are cut to `shot_tokens` each.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +33,8 @@ from .distributed import is_main
 from .loop import TrainConfig, fit
 from .metrics import classification_metrics
 from .models import load_model
-from .report import write_report
-from .task import ClassificationTask
+from .report import _atomic_write_text, write_report
+from .task import ClassificationTask, cut
 
 
 @dataclass
@@ -41,7 +45,10 @@ class ClassificationRecipe:
     system: str | None = "You are a sentiment classifier."   # short: prompt tokens cost CPU time
     label_words: Sequence[str] = ("negative", "positive")
     max_length: int = 256                         # prompt tokens; the text part is truncated beyond it
+    keep: str = "head"                            # what a long text keeps: "head" | "head+tail" (see task.py)
     few_shot: int = 0                             # k examples in the prompt for a k-shot baseline row
+    shot_tokens: int = 128                        # each shot's text is cut to this many tokens (same `keep`)
+    group_key: str | None = None                  # e.g. "language": metrics per group as well as overall
     # adapters
     r: int = 16
     alpha: float = 32.0
@@ -89,13 +96,67 @@ def _cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def evaluate(task: ClassificationTask, model, rows, label_names, batch_size: int) -> tuple[dict, np.ndarray]:
-    """Probabilities over the label words for every row, and the metrics they give."""
+def evaluate(task, model, rows, label_names, batch_size: int,
+             group_key: str | None = None) -> tuple[dict, np.ndarray]:
+    """Probabilities over the label words for every row, and the metrics they give (per group too)."""
     t0 = time.perf_counter()
     probs = task.predict_proba(model, [r["text"] for r in rows], batch_size=batch_size)  # (N, C)
     metrics = classification_metrics([r["label"] for r in rows], probs, label_names)
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    if group_key is not None:
+        metrics["per_group"] = group_metrics(rows, probs, label_names, group_key)
     return metrics, probs
+
+
+def group_metrics(rows, probs: np.ndarray, label_names, group_key: str) -> dict[str, dict]:
+    """{group: {n, accuracy, f1_macro, roc_auc}} over the rows sharing rows[i][group_key], groups sorted."""
+    groups = np.asarray([r[group_key] for r in rows])
+    labels = np.asarray([int(r["label"]) for r in rows])
+    out = {}
+    for g in sorted(set(groups.tolist())):
+        m = classification_metrics(labels[groups == g], probs[groups == g], label_names)
+        out[g] = {k: m[k] for k in ("n", "accuracy", "f1_macro", "roc_auc")}
+    return out
+
+
+def balanced_sample(rows, n: int, *, keys: Sequence[str] = ("label",), seed: int = 0) -> list[dict]:
+    """A seeded sample of n rows spread evenly over the strata that `keys` define (e.g. language x label).
+
+    Each stratum gives n // n_strata rows (the first n % n_strata strata one more); a stratum with too few
+    rows gives all it has and the shortfall is a ValueError, so "balanced" is never silently untrue."""
+    rows = list(rows)
+    strata: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        strata.setdefault(tuple(r[k] for k in keys), []).append(i)
+    names = sorted(strata)
+    if n > len(rows):
+        raise ValueError(f"asked for {n} rows but there are only {len(rows)}; lower the sample size")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for j, name in enumerate(names):
+        want = n // len(names) + (j < n % len(names))
+        idx = strata[name]
+        if want > len(idx):
+            raise ValueError(f"stratum {dict(zip(keys, name))} has {len(idx)} rows, fewer than the {want} a "
+                             f"balanced sample of {n} needs; lower the sample size")
+        picked += [idx[i] for i in rng.choice(len(idx), want, replace=False)]
+    return [rows[i] for i in rng.permutation(picked)]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's getrusage ru_maxrss survives fork + exec: a child process started by a 2 GB parent reports at
+    least 2 GB. VmHWM in /proc/self/status is the same high-water mark for the current address space only,
+    so it is read first; getrusage is the fallback (KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)                 # "VmHWM:  123456 kB"
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (2**20 if os.uname().sysname == "Darwin" else 2**10), 1)
 
 
 def run_classification(
@@ -114,20 +175,18 @@ def run_classification(
     model, tokenizer = load_model(recipe.model, dtype=dtype)
     model.eval()
 
-    task = ClassificationTask(tokenizer, list(recipe.label_words), instruction=recipe.instruction,
-                              system=recipe.system, max_length=recipe.max_length)
+    task = build_task(recipe, tokenizer)
     rows: dict[str, dict] = {}
     probs_by_row: dict[str, np.ndarray] = {}
     rows["zero_shot"], probs_by_row["zero_shot"] = evaluate(task, model, test_rows, label_names,
-                                                            recipe.eval_batch_size)
+                                                            recipe.eval_batch_size, recipe.group_key)
     _say(f"zero-shot accuracy {rows['zero_shot']['accuracy']:.4f}")
     if recipe.few_shot > 0:
-        shots = _balanced_shots(train_rows, recipe.few_shot, len(label_names), recipe.seed)
-        k_task = ClassificationTask(tokenizer, list(recipe.label_words), instruction=recipe.instruction,
-                                    system=recipe.system, max_length=recipe.max_length * (recipe.few_shot + 1),
-                                    few_shot=shots)
-        rows[f"few_shot_{recipe.few_shot}"], probs_by_row[f"few_shot_{recipe.few_shot}"] = evaluate(
-            k_task, model, test_rows, label_names, max(1, recipe.eval_batch_size // 4))
+        name = f"few_shot_{recipe.few_shot}"
+        k_task = few_shot_task(recipe, tokenizer, train_rows, len(label_names), task.budget)
+        rows[name], probs_by_row[name] = evaluate(k_task, model, test_rows, label_names,
+                                                  max(1, recipe.eval_batch_size // 4), recipe.group_key)
+        _say(f"{recipe.few_shot}-shot accuracy {rows[name]['accuracy']:.4f}")
 
     quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
                    compute_dtype=dtype, backend=recipe.backend)
@@ -147,7 +206,7 @@ def run_classification(
 
     model.eval()
     rows["fine_tuned"], probs_by_row["fine_tuned"] = evaluate(task, model, test_rows, label_names,
-                                                              recipe.eval_batch_size)
+                                                              recipe.eval_batch_size, recipe.group_key)
     _say(f"fine-tuned accuracy {rows['fine_tuned']['accuracy']:.4f}")
     if not is_main():
         return rows
@@ -163,19 +222,66 @@ def run_classification(
     if recipe.export_merged:
         export_merged(model, tokenizer, recipe.export_merged)
 
-    predictions = _prediction_rows(test_rows, probs_by_row, label_names)
+    predictions = _prediction_rows(test_rows, probs_by_row, label_names, recipe.group_key)
     summary = {
         "train": {"examples": len(train_rows), "steps": result.steps, "seconds": round(result.elapsed_s, 1),
                   "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
                   "stopped": result.stopped},
+        "test": {"examples": len(test_rows), "texts_truncated": task.n_truncated},
         "trainable_parameters": counts,
         "memory": memory,
+        "peak_rss_mb": peak_rss_mb(),
         "new_texts": examples,
         "dtype": str(dtype).replace("torch.", ""),
     }
     write_report(out, rows=rows, predictions=predictions, label_names=list(label_names),
                  config=dataclasses.asdict(recipe), extra=summary, elapsed=time.perf_counter() - t_start)
+    if recipe.group_key is not None:
+        append_markdown(out, group_markdown(rows, recipe.group_key))
     return json.loads((out / "metrics.json").read_text())
+
+
+def build_task(recipe: ClassificationRecipe, tokenizer) -> ClassificationTask:
+    """The zero-shot prompt + verbalizer the recipe trains and evaluates with."""
+    return ClassificationTask(tokenizer, list(recipe.label_words), instruction=recipe.instruction,
+                              system=recipe.system, max_length=recipe.max_length, keep=recipe.keep)
+
+
+def few_shot_task(recipe: ClassificationRecipe, tokenizer, train_rows, n_classes: int,
+                  text_budget: int) -> ClassificationTask:
+    """The k-shot prompt: k balanced training examples, each cut to `shot_tokens`, before the test text,
+    which keeps the zero-shot prompt's `text_budget` tokens (so both rows see the same text)."""
+    shots = []
+    for text, label in _balanced_shots(train_rows, recipe.few_shot, n_classes, recipe.seed):
+        ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        shots.append((tokenizer.decode(cut(ids, recipe.shot_tokens, recipe.keep)), label))
+    kw = dict(instruction=recipe.instruction, system=recipe.system, few_shot=shots, keep=recipe.keep)
+    probe = ClassificationTask(tokenizer, list(recipe.label_words), max_length=1 << 20, **kw)
+    scaffold = len(probe.prefix_ids) + len(probe.suffix_ids)              # template + instruction + shots
+    return ClassificationTask(tokenizer, list(recipe.label_words), max_length=scaffold + text_budget, **kw)
+
+
+def group_markdown(rows: dict[str, dict], group_key: str) -> str:
+    """A results.md section: one line per group, accuracy / macro F1 / AUC for every row (zero-shot, ...)."""
+    from .report import ordered_rows
+
+    names = [n for n in ordered_rows(rows) if "per_group" in rows[n]]
+    groups = list(rows[names[0]]["per_group"]) + ["all"]
+    head = " | ".join(f"{n.replace('_', '-')} {m}" for n in names for m in ("acc", "F1", "AUC"))
+    lines = [f"Per {group_key} (accuracy, macro F1, one-vs-rest AUC):", "",
+             f"| {group_key} | n | {head} |", "|---|---:|" + "---:|" * (3 * len(names))]
+    for g in groups:
+        cells = [rows[n] if g == "all" else rows[n]["per_group"][g] for n in names]
+        values = [c.get(k) for c in cells for k in ("accuracy", "f1_macro", "roc_auc")]
+        lines.append(f"| {g} | {cells[0]['n']} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in values)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def append_markdown(out: Path, section: str) -> None:
+    """Adds a section to out/results.md (atomically, like the rest of the report)."""
+    path = Path(out) / "results.md"
+    _atomic_write_text(path, path.read_text(encoding="utf-8") + "\n" + section)
 
 
 def export_merged(model, tokenizer, path: str | os.PathLike) -> None:
@@ -189,6 +295,7 @@ def _write_task_meta(adapter_dir: Path, recipe: ClassificationRecipe, label_name
     """task.json beside the adapter: what train.predict needs to rebuild the same prompt."""
     meta = {"model": recipe.model, "label_names": list(label_names), "label_words": list(recipe.label_words),
             "instruction": recipe.instruction, "system": recipe.system, "max_length": recipe.max_length,
+            "keep": recipe.keep,
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}}
     tmp = adapter_dir / "task.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
@@ -196,21 +303,26 @@ def _write_task_meta(adapter_dir: Path, recipe: ClassificationRecipe, label_name
 
 
 def _balanced_shots(rows: Sequence[dict], k: int, n_classes: int, seed: int) -> list[tuple[str, int]]:
+    """k seeded examples spread over the classes: k // C each, one more for k % C of them (seeded), so
+    k = 4, C = 3 gives 2 + 1 + 1; shuffled, so the prompt does not end on one class by construction."""
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(rows))
-    shots, per_class = [], {c: 0 for c in range(n_classes)}
-    for i in order:
+    extra = set(rng.permutation(n_classes)[: k % n_classes].tolist())
+    quota = {c: k // n_classes + (c in extra) for c in range(n_classes)}
+    shots = []
+    for i in rng.permutation(len(rows)):
         label = int(rows[i]["label"])
-        if per_class[label] < max(1, k // n_classes) and len(shots) < k:
+        if quota.get(label, 0) > 0:
             shots.append((rows[i]["text"], label))
-            per_class[label] += 1
-    return shots
+            quota[label] -= 1
+    return [shots[i] for i in rng.permutation(len(shots))]
 
 
-def _prediction_rows(test_rows, probs_by_row, label_names) -> list[dict]:
+def _prediction_rows(test_rows, probs_by_row, label_names, group_key: str | None = None) -> list[dict]:
     out = []
     for i, r in enumerate(test_rows):
         row = {"text": r["text"], "label": label_names[int(r["label"])]}
+        if group_key is not None:
+            row[group_key] = r[group_key]
         for name, probs in probs_by_row.items():
             row[f"{name}_pred"] = label_names[int(probs[i].argmax())]
             row[f"{name}_p"] = round(float(probs[i].max()), 4)

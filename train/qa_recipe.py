@@ -1,0 +1,432 @@
+"""The SQuAD v2 recipe: extractive QA that may abstain, zero-shot vs QLoRA fine-tuned, on a 2-core CPU.
+
+    dev-v2.0.json (the only SQuAD 2.0 file offline) -- train.data splits it BY ARTICLE, seeded -->
+        train articles -> a few held out for calibration (never trained on) | the rest: training questions
+        test articles  -> a fixed sample of n_test questions, answerable share as in the split
+    zero-shot (dense backbone) greedy answers on the test sample
+    -> quant.quantize (NF4) -> lora.inject -> train.fit on packed contexts (GenerationTask.pack)
+    -> scored greedy answers on the calibration slice -> abstain threshold -> the test sample
+    -> metrics.json / results.md / predictions.csv / train_curves.png / adapter/ (+ qa_task.json)
+
+How a 135M model can reach EM >= 0.55 on a CPU budget:
+  * The target is short and exact: the span most annotators gave, or the fixed string "unanswerable";
+    the loss covers those tokens and the end-of-turn token only.
+  * Every prompt stays under `max_length` tokens. Only the context is cut: its head at test time; in
+    training a window that keeps the answer, so no label points outside its prompt.
+  * A paragraph's ~10 questions share one sequence (block mask, GenerationTask docstring), which trains
+    on the same examples as one-by-one for about a third of the tokens: a whole epoch of the training
+    articles fits the budget.
+  * Abstaining is the decision SQuAD v2 rewards most (half the questions have no answer), and greedy
+    decoding makes it badly calibrated. The span is decoded with the abstain token masked, and we abstain
+    iff  margin = log p(abstain token) - log p(span)  >  tau,  tau maximising EM on the calibration articles
+    (the official script's best-threshold search, moved to held-out TRAIN articles: the test sample
+    never chooses anything). log p(span) is either the whole span's or its first token's; the calibration
+    slice picks which.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora
+import quant
+
+from .loop import TrainConfig, fit
+from .metrics import exact_match, squad_metrics, token_f1
+from .models import load_model
+from .recipe import pick_dtype
+from .report import _atomic_write_text, write_report
+from .task import GenerationTask
+
+
+@dataclass
+class QARecipe:
+    out_dir: str                                  # metrics.json, results.md, predictions.csv, plots, adapter
+    model: str = "smollm2-135m"                   # registry name or a local HF folder
+    system: str | None = "Answer from the context."   # short: SmolLM2's default system prompt is 20 tokens
+    instruction: str = ("Answer with a short span copied from the context. If the context does not answer "
+                        "the question, reply unanswerable.")
+    unanswerable: str = "unanswerable"            # the abstain target
+    max_length: int = 384                         # prompt tokens; ~4% of SQuAD contexts are cut to fit
+    max_new_tokens: int = 24                      # answers are 5 tokens on average, 23 at the 99th percentile
+    max_turns: int = 16                           # questions packed after one context (longer lists are split)
+    n_test: int = 500                             # test questions (answerable share as in the test articles)
+    n_calib: int = 300                            # calibration questions, from held-out train articles
+    train_limit: int | None = None                # cap on training questions (None: every one left)
+    train_minutes: float | None = None            # stop training after this long, as an interrupt would
+    abstain: str = "calibrated"                   # "calibrated" (threshold) | "greedy"
+    # adapters
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str | Sequence[str] = "all-linear"
+    # quantization
+    blocksize: int = 64
+    double_quant: bool = True
+    backend: str | None = None
+    dtype: str = "auto"                           # "auto" | "bf16" | "fp32" (compute dtype of the backbone)
+    # training (see train.TrainConfig); batch_size counts packed contexts (~10 questions each)
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_ratio: float = 0.05
+    grad_checkpointing: bool = False
+    eval_batch_size: int = 32
+    seed: int = 0
+    resume: bool = False
+    extra: dict = field(default_factory=dict)     # anything the example wants recorded in metrics.json
+
+    def __post_init__(self):
+        if self.abstain not in ("calibrated", "greedy"):
+            raise ValueError(f"abstain must be 'calibrated' or 'greedy', got {self.abstain!r}")
+        if self.n_test < 1 or self.n_calib < 1:
+            raise ValueError(f"n_test and n_calib must be >= 1, got {self.n_test} and {self.n_calib}")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data: samples, the calibration hold-out, packing
+
+def proportional_sample(rows: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
+    """A seeded sample of n rows whose answerable share is the share in `rows` (rounded)."""
+    if n > len(rows):
+        raise ValueError(f"asked for {n} questions but there are only {len(rows)}; lower the sample size")
+    has = [i for i, r in enumerate(rows) if not r["is_impossible"]]
+    none = [i for i, r in enumerate(rows) if r["is_impossible"]]
+    n_has = round(n * len(has) / len(rows))
+    rng = np.random.default_rng(seed)
+    picked = list(rng.choice(has, n_has, replace=False)) + list(rng.choice(none, n - n_has, replace=False))
+    return [rows[i] for i in sorted(picked)]
+
+
+def hold_out_articles(rows: Sequence[dict], n_questions: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(kept, held out): whole articles, in a seeded order, held out until they hold >= n_questions."""
+    titles = sorted({r["title"] for r in rows})
+    held, count = set(), 0
+    for i in np.random.default_rng(seed).permutation(len(titles)):
+        if count >= n_questions:
+            break
+        held.add(titles[i])
+        count += sum(r["title"] == titles[i] for r in rows)
+    if len(held) == len(titles):
+        raise ValueError(f"holding out {n_questions} calibration questions would take every training article; "
+                         "lower n_calib")
+    return [r for r in rows if r["title"] not in held], [r for r in rows if r["title"] in held]
+
+
+def pack_training_set(task: GenerationTask, rows: Sequence[dict], max_turns: int, seed: int = 0) -> list[dict]:
+    """Questions grouped by context (in a seeded order, max_turns per group) -> packed sequences."""
+    by_context: dict[str, list[dict]] = {}
+    for r in rows:
+        by_context.setdefault(r["context"], []).append(r)
+    rng = np.random.default_rng(seed)
+    packed = []
+    for group in by_context.values():
+        group = [group[i] for i in rng.permutation(len(group))]
+        for s in range(0, len(group), max_turns):
+            packed += task.pack(group[s: s + max_turns])
+    return packed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation: scored answers, the threshold, metrics
+
+def score(task: GenerationTask, model, rows: Sequence[dict], recipe: QARecipe) -> tuple[list[dict], float]:
+    """GenerationTask.generate_scored on every row, and the seconds it took."""
+    t0 = time.perf_counter()
+    with dequantized(model):
+        scored = task.generate_scored(model, rows, max_new_tokens=recipe.max_new_tokens,
+                                      batch_size=recipe.eval_batch_size)
+    return scored, round(time.perf_counter() - t0, 1)
+
+
+class _Dequantized(nn.Module):
+    """A Linear4bit's forward with the dequantized weight cached: the same F.linear on the same numbers."""
+
+    def __init__(self, layer: quant.Linear4bit):
+        super().__init__()
+        self.dtype = layer.compute_dtype
+        self.weight = layer.dequantize(self.dtype)                                     # (out, in)
+        self.bias = None if layer.bias is None else layer.bias.to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
+
+
+@contextlib.contextmanager
+def dequantized(model: nn.Module):
+    """Inference with every Linear4bit's weight dequantized once instead of at every call.
+
+    # Note: Linear4bit.forward is F.linear(x, dequantize(W) in compute_dtype), so caching the dequantized
+    # weight changes no number; it saves one dequantization of every layer per decoding step (24 steps per
+    # batch), the dominant cost of generating on a CPU. It costs a dense copy of the base (2 bytes/param
+    # in bf16) for the duration, and is for no_grad inference only: the training path stays 4-bit."""
+    swapped = []
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, quant.Linear4bit) and child.compute_dtype is not None:
+                setattr(module, child_name, _Dequantized(child))
+                swapped.append((module, child_name, child))
+    try:
+        yield model
+    finally:
+        for module, child_name, child in swapped:
+            setattr(module, child_name, child)
+
+
+def tune_threshold(scored: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """The (by, threshold) that maximise EM (then F1) on `rows` when abstaining iff margin > threshold."""
+    gold = [[a for a in r["answers"] if a.strip()] for r in rows]
+    em = np.array([max((exact_match(s["answer"], a) for a in g), default=0) for s, g in zip(scored, gold)])
+    f1 = np.array([max((token_f1(s["answer"], a) for a in g), default=0.0) for s, g in zip(scored, gold)])
+    no_answer = np.array([not g for g in gold], dtype=np.float64)  # what abstaining scores, EM and F1 alike
+    best = None
+    for by in ("answer", "first"):
+        margin = np.array([s["logp_abstain"] - s[f"logp_{by}"] for s in scored])
+        cuts = np.unique(margin)
+        candidates = np.concatenate([[cuts[0] - 1.0], (cuts[1:] + cuts[:-1]) / 2, [cuts[-1] + 1.0]])
+        abstains = margin[None, :] > candidates[:, None]                               # (K, N)
+        em_k = np.where(abstains, no_answer, em).mean(1)                               # (K,)
+        f1_k = np.where(abstains, no_answer, f1).mean(1)
+        top = np.flatnonzero((em_k == em_k.max()) & (f1_k == f1_k[em_k == em_k.max()].max()))
+        k = top[len(top) // 2]                                                         # middle of a plateau
+        found = {"by": by, "threshold": float(candidates[k]), "exact": 100 * float(em_k[k]),
+                 "f1": 100 * float(f1_k[k])}
+        if best is None or (found["exact"], found["f1"]) > (best["exact"], best["f1"]):
+            best = found
+    return best
+
+
+def qa_metrics(predictions: Sequence[str], rows: Sequence[dict], seconds: float | None = None) -> dict:
+    """squad_metrics plus the abstention rate and the evaluation time."""
+    m = squad_metrics({r["id"]: p for r, p in zip(rows, predictions)}, rows)
+    m["abstain_rate"] = round(float(np.mean([p == "" for p in predictions])), 4)
+    if seconds is not None:
+        m["eval_seconds"] = seconds
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dict],
+           new_examples: Sequence[dict] = (), split_note: str = "") -> dict:
+    """Runs the whole recipe on SQuAD-v2-shaped rows; returns the metrics also written to out_dir/metrics.json.
+
+    train_rows / test_rows: the two sides of an article-disjoint split (test_rows is sampled down to n_test).
+    new_examples: {"context", "question"} pairs answered at the end with the fine-tuned model."""
+    out = Path(recipe.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    fit_rows, calib_rows, test_rows = three_sides(recipe, train_rows, test_rows)
+
+    dtype = pick_dtype(recipe.dtype)
+    model, tokenizer = load_model(recipe.model, dtype=dtype)
+    task = GenerationTask(tokenizer, instruction=recipe.instruction, system=recipe.system,
+                          max_length=recipe.max_length, unanswerable=recipe.unanswerable)
+    scored, seconds = {}, {}
+    scored["zero_shot"], seconds["zero_shot"] = score(task, model, test_rows, recipe)
+    test_cut = task.n_truncated
+    zero_shot = [task.decide(s) for s in scored["zero_shot"]]
+    _say(f"zero-shot EM {squad_metrics(_by_id(test_rows, zero_shot), test_rows)['exact']:.2f} "
+         f"({seconds['zero_shot']:.0f} s)")
+
+    quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
+                   compute_dtype=dtype, backend=recipe.backend)
+    lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets)
+    counts = lora.trainable_parameters(model)
+    _say(f"trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
+    result, packed, unpacked = train(recipe, model, task, fit_rows)
+    n_tokens = sum(len(p["input_ids"]) for p in packed)
+
+    scored["calibration"], seconds["calibration"] = score(task, model, calib_rows, recipe)
+    tuned = tune_threshold(scored["calibration"], calib_rows)
+    threshold = tuned["threshold"] if recipe.abstain == "calibrated" else None
+    _say(f"abstain threshold {tuned['threshold']:.3f} on log p(abstain) - log p({tuned['by']}): calibration EM "
+         f"{tuned['exact']:.2f} (greedy {_greedy_em(task, scored['calibration'], calib_rows):.2f})")
+    scored["fine_tuned"], seconds["fine_tuned"] = score(task, model, test_rows, recipe)
+    fine_tuned = [task.decide(s, threshold, tuned["by"]) for s in scored["fine_tuned"]]
+    greedy = [task.decide(s) for s in scored["fine_tuned"]]
+
+    rows = {"zero_shot": qa_metrics(zero_shot, test_rows, seconds["zero_shot"]),
+            "fine_tuned": qa_metrics(fine_tuned, test_rows, seconds["fine_tuned"]),
+            "fine_tuned_greedy": qa_metrics(greedy, test_rows),
+            "always_abstain": qa_metrics([""] * len(test_rows), test_rows)}
+    _say(f"fine-tuned EM {rows['fine_tuned']['exact']:.2f} F1 {rows['fine_tuned']['f1']:.2f} "
+         f"(greedy abstain: EM {rows['fine_tuned_greedy']['exact']:.2f}; always abstain: "
+         f"EM {rows['always_abstain']['exact']:.2f})")
+
+    lora.save(model, out / "adapter", base_model_name_or_path=recipe.model)
+    _write_task_meta(out / "adapter", recipe, tuned)
+    examples = answer_new(task, model, new_examples, recipe, threshold, tuned["by"])
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "data": {"split": split_note, "test_questions": len(test_rows),
+                 "test_answerable": sum(not r["is_impossible"] for r in test_rows),
+                 "calibration_articles": sorted({r["title"] for r in calib_rows}),
+                 "calibration_questions": len(calib_rows), "train_questions": len(fit_rows),
+                 "train_articles": len({r["title"] for r in fit_rows}), "packed_sequences": len(packed),
+                 "train_tokens": n_tokens, "unpacked_tokens": unpacked, "test_contexts_cut": test_cut},
+        "train": {"steps": result.steps, "seconds": round(result.elapsed_s, 1),
+                  "input_tokens_per_s": round(n_tokens * result.epochs / max(result.elapsed_s, 1e-9), 1),
+                  "final_loss": result.final_loss, "stopped": result.stopped},
+        "abstain": {"mode": recipe.abstain, **tuned, "calibration_greedy_exact":
+                    _greedy_em(task, scored["calibration"], calib_rows),
+                    "calibration_seconds": seconds["calibration"]},
+        "trainable_parameters": counts,
+        "memory": quant.memory_report(model),
+        "new_examples": examples,
+        "dtype": str(dtype).replace("torch.", ""),
+        "run_time_s": round(elapsed, 1),
+    }
+    write_report(out, rows=rows, predictions=prediction_rows(test_rows, zero_shot, fine_tuned, greedy,
+                                                             scored["fine_tuned"], tuned["by"]),
+                 config=dataclasses.asdict(recipe), extra=summary, elapsed=elapsed)
+    _atomic_write_text(out / "results.md", results_markdown(rows, summary, elapsed))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def three_sides(recipe: QARecipe, train_rows, test_rows) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training, calibration, test) rows: whole train articles held out for calibration, then samples."""
+    fit_rows, calib_pool = hold_out_articles(train_rows, recipe.n_calib, recipe.seed)
+    calib_rows = proportional_sample(calib_pool, min(recipe.n_calib, len(calib_pool)), recipe.seed)
+    test_rows = proportional_sample(test_rows, min(recipe.n_test, len(test_rows)), recipe.seed)
+    if recipe.train_limit is not None and recipe.train_limit < len(fit_rows):
+        fit_rows = proportional_sample(fit_rows, recipe.train_limit, recipe.seed)
+    _check_disjoint(fit_rows, calib_rows, test_rows)
+    return fit_rows, calib_rows, test_rows
+
+
+def train(recipe: QARecipe, model, task: GenerationTask, rows: Sequence[dict]):
+    """train.fit on the packed questions; returns (FitResult, the packed sequences, tokens one by one)."""
+    unpacked = sum(task.length(r) for r in rows)
+    packed = pack_training_set(task, rows, recipe.max_turns, recipe.seed)
+    _say(f"{len(rows)} training questions packed into {len(packed)} sequences: "
+         f"{sum(len(p['input_ids']) for p in packed):,} tokens ({unpacked:,} one by one)")
+    config = TrainConfig(out_dir=recipe.out_dir, epochs=recipe.epochs, max_steps=recipe.max_steps,
+                         batch_size=min(recipe.batch_size, len(packed)), grad_accum=recipe.grad_accum,
+                         lr=recipe.lr, warmup_ratio=recipe.warmup_ratio,
+                         grad_checkpointing=recipe.grad_checkpointing, seed=recipe.seed, resume=recipe.resume)
+    result = fit(model, packed, config, loss_fn=_with_deadline(task.loss, recipe.train_minutes),
+                 collate_fn=task.collate, length_fn=lambda ex: len(ex["input_ids"]))
+    model.eval()
+    return result, packed, unpacked
+
+
+def _with_deadline(loss_fn, minutes: float | None):
+    """loss_fn that raises KeyboardInterrupt once `minutes` have passed since the first call.
+
+    # Note: fit has no wall-clock limit, and an interrupt is its graceful stop (the half step is dropped,
+    # the checkpoint, log and plot are written, FitResult.stopped == "interrupted"). On a shared 2-core
+    # CPU the same run can take twice as long; the deadline keeps the recipe inside its time budget."""
+    if minutes is None:
+        return loss_fn
+    deadline = None
+
+    def timed(model, batch):
+        nonlocal deadline
+        deadline = deadline or time.perf_counter() + 60 * minutes
+        if time.perf_counter() > deadline:
+            _say(f"train_minutes={minutes} reached: stopping training here")
+            raise KeyboardInterrupt
+        return loss_fn(model, batch)
+    return timed
+
+
+def answer_new(task: GenerationTask, model, examples: Sequence[dict], recipe: QARecipe, threshold, by) -> list[dict]:
+    """Answers (or abstains on) new {"context", "question"} pairs, printing each."""
+    if not examples:
+        return []
+    scored, _ = score(task, model, examples, recipe)
+    out = []
+    for ex, s in zip(examples, scored):
+        answer = task.decide(s, threshold, by)
+        out.append({"question": ex["question"], "answer": answer or recipe.unanswerable,
+                    "margin": round(s["logp_abstain"] - s[f"logp_{by}"], 3)})
+        _say(f"  Q: {ex['question']}\n  A: {out[-1]['answer']}  (margin {out[-1]['margin']:+.2f})")
+    return out
+
+
+def prediction_rows(test_rows, zero_shot, fine_tuned, greedy, scored, by) -> list[dict]:
+    return [{"id": r["id"], "question": r["question"], "gold_answers": " | ".join(r["answers"]),
+             "is_impossible": r["is_impossible"], "zero_shot_pred": z, "fine_tuned_pred": f,
+             "fine_tuned_greedy_pred": g, "fine_tuned_span": s["answer"],
+             "abstain_margin": round(s["logp_abstain"] - s[f"logp_{by}"], 4)}
+            for r, z, f, g, s in zip(test_rows, zero_shot, fine_tuned, greedy, scored)]
+
+
+def results_markdown(rows: dict, summary: dict, elapsed: float) -> str:
+    """The table of every row (EM/F1 overall, answerable, unanswerable), then how the numbers were made."""
+    data, train, ab = summary["data"], summary["train"], summary["abstain"]
+    lines = ["# SQuAD 2.0: zero-shot vs QLoRA fine-tuned", "",
+             f"Test: {data['test_questions']} questions ({data['test_answerable']} answerable, "
+             f"{data['test_questions'] - data['test_answerable']} unanswerable) from test ARTICLES only. "
+             f"{data['split']}", "",
+             "| row | EM | F1 | HasAns EM | HasAns F1 | NoAns EM | ROUGE-L | abstains |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in rows.items():
+        cells = [m["exact"], m["f1"], m["has_ans_exact"], m["has_ans_f1"], m["no_ans_exact"], m["rouge_l"]]
+        lines.append(f"| {name.replace('_', '-')} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells)
+                     + f" | {100 * m['abstain_rate']:.1f}% |")
+    lines += ["", "Scores in percent, official SQuAD v2 normalisation (EM 55.00 = 0.550). fine-tuned abstains "
+              f"iff log p(abstain) - log p({ab['by']}) > {ab['threshold']:.3f}, the threshold tuned on "
+              f"{data['calibration_questions']} questions of held-out TRAIN articles "
+              f"({', '.join(data['calibration_articles'])}; EM there {ab['exact']:.2f}, greedy "
+              f"{ab['calibration_greedy_exact']:.2f}); fine-tuned-greedy abstains iff the abstain token is the "
+              "argmax.", "",
+              f"Training: {data['train_questions']} questions of {data['train_articles']} articles, packed into "
+              f"{data['packed_sequences']} sequences ({data['train_tokens']:,} tokens), {train['steps']} steps in "
+              f"{train['seconds']:.0f} s ({train['input_tokens_per_s']:.0f} tokens/s), final loss "
+              f"{train['final_loss'] if train['final_loss'] is None else round(train['final_loss'], 4)}.",
+              f"Evaluation: zero-shot {rows['zero_shot'].get('eval_seconds', 0):.0f} s, calibration "
+              f"{ab['calibration_seconds']:.0f} s, fine-tuned {rows['fine_tuned'].get('eval_seconds', 0):.0f} s. "
+              f"Run time: {elapsed:.0f} s ({elapsed / 60:.1f} min).", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+def _check_disjoint(*parts: Sequence[dict]) -> None:
+    """No article on two sides (train / calibration / test): the split's promise, checked at run time."""
+    seen: dict[str, int] = {}
+    for side, rows in enumerate(parts):
+        for title in {r["title"] for r in rows}:
+            if seen.setdefault(title, side) != side:
+                raise ValueError(f"article {title!r} is on two sides of the split; use an article-disjoint split")
+
+
+def _by_id(rows: Sequence[dict], predictions: Sequence[str]) -> dict[str, str]:
+    return {r["id"]: p for r, p in zip(rows, predictions)}
+
+
+def _greedy_em(task: GenerationTask, scored: Sequence[dict], rows: Sequence[dict]) -> float:
+    return squad_metrics(_by_id(rows, [task.decide(s) for s in scored]), rows)["exact"]
+
+
+def _write_task_meta(adapter_dir: Path, recipe: QARecipe, tuned: dict) -> None:
+    """qa_task.json beside the adapter: the prompt and the abstain rule a reader needs to reuse it."""
+    meta = {"model": recipe.model, "system": recipe.system, "instruction": recipe.instruction,
+            "unanswerable": recipe.unanswerable, "max_length": recipe.max_length,
+            "max_new_tokens": recipe.max_new_tokens, "abstain": recipe.abstain, "abstain_by": tuned["by"],
+            "abstain_threshold": tuned["threshold"],
+            "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}}
+    _atomic_write_text(adapter_dir / "qa_task.json", json.dumps(meta, indent=2) + "\n")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
