@@ -94,7 +94,7 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path |
         return "hub"
     looked.append(f"hub: {HUB[name]} (skipped: offline)")
     raise FileNotFoundError(f"dataset {name!r} not found. Looked in:\n  " + "\n  ".join(looked)
-                            + f"\nPut the files in one of these folders or set LORA_DATA_DIR to their parent.")
+                            + "\nPut the files in one of these folders or set LORA_DATA_DIR to their parent.")
 
 
 def _offline() -> bool:

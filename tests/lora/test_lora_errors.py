@@ -6,16 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora
 from lora import LoRALinear
-
-
-def tiny_llama(hidden=64):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+from tiny import tiny_llama
 
 
 def n_lora(model):

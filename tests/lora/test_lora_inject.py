@@ -4,35 +4,15 @@ import re
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, Gemma3ForCausalLM, Gemma3TextConfig,
-                          LlamaConfig, LlamaForCausalLM)
 
 import lora
 from lora import LoRALinear
+from tiny import tiny_bert, tiny_gemma3, tiny_llama
 
 LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 BERT_LINEARS = ["attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense", "intermediate.dense", "output.dense"]
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
-
-
-def tiny_gemma3():
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                              vocab_size=128)).eval()
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=2, vocab_size=100, num_labels=3)).eval()
 
 
 MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "bert": tiny_bert,

@@ -6,23 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import lora
 import lora.io
 from lora import LoRALinear
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=2, vocab_size=100, num_labels=3)).eval()
+from tiny import tiny_bert, tiny_llama
 
 
 def trained(model, seed=2, **kw):

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 
 from lora import LoRALinear
+from lora.layer import CheapDropout
+from tiny import assert_close
 
 # Tolerances, relative to max|reference|:
 # - fp32: a dot product of K <= 400 terms accumulates ~sqrt(K) * 2^-24 relative error (measured 0.8-1.8e-7);
@@ -18,13 +20,6 @@ SHAPES = [pytest.param((16, 24, (2, 3)), id="16to24"), pytest.param((300, 400, (
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 RANKS = [pytest.param(1, id="r1"), pytest.param(8, id="r8")]
 RSLORA = [pytest.param(False, id="alpha_over_r"), pytest.param(True, id="alpha_over_sqrt_r")]
-
-
-def assert_close(actual, expected, rel, what):
-    diff = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs().max().clamp_min(1e-12)
-    assert diff.max() <= rel * scale, (f"{what}: max diff {diff.max():.3e}, mean diff {diff.mean():.3e}, "
-                                       f"allowed {rel * scale:.3e} ({rel:g} x max|ref| {scale:.3e})")
 
 
 def make_layer(n_in, n_out, dtype, r, use_rslora=False, dropout=0.0, random_b=True):
@@ -125,9 +120,37 @@ def test_dropout_acts_on_adapter_input_only():
     torch.manual_seed(1)
     y = layer(x)
     torch.manual_seed(1)
-    mask_x = nn.functional.dropout(x, 0.5, training=True)
+    mask_x = layer.lora_dropout(x)
     expected = layer.base_layer(x) + layer.scaling * mask_x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     assert_close(y, expected, REL_TOL[torch.float32], "train mode: dropout(x) on the adapter path")
+    assert 0.4 < (mask_x == 0).float().mean() < 0.6
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_cheap_dropout_is_bernoulli_p_with_exact_rescaling(p):
+    drop = CheapDropout(p)
+    x = torch.rand(1000, 1000) + 1.0                                  # no zeros of its own
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    p_eff = round(p * 65536) / 65536
+    n = x.numel()
+    assert abs((~kept).float().mean().item() - p_eff) < 5 * (p_eff * (1 - p_eff) / n) ** 0.5   # 5 sigma
+    assert torch.equal(y[kept], x[kept] * (1 / (1 - p_eff)))          # survivors scaled exactly (fp32)
+    for rows in (slice(0, 500), slice(500, None)):                    # both halves: no stuck bit pattern
+        assert abs((~kept[rows]).float().mean().item() - p_eff) < 5 * (p_eff * (1 - p_eff) / (n / 2)) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y), "seeded like any dropout"
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_cheap_dropout_gradient_is_the_mask():
+    drop = CheapDropout(0.3)
+    x = torch.randn(7, 33, requires_grad=True)                        # odd numel: a partial 64-bit word
+    y = drop(x)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, (y != 0).float() * (65536 / (65536 - round(0.3 * 65536))))
 
 
 def test_weight_and_bias_delegate_to_base():

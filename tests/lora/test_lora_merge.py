@@ -3,33 +3,14 @@
 import pytest
 import torch
 import torch.nn as nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import lora
 from lora import LoRALinear
+from tiny import assert_close, tiny_bert, tiny_llama
 
 # Merged vs adapted outputs differ only by summation order: x @ (W + ΔW)^T vs x @ W^T + (x @ A^T) @ B^T.
 # fp32 logits of a 2-layer model: measured ~1e-7 relative to max|logit|; 1e-5 allows other CPUs' kernels.
 FP32_REL = 1e-5
-
-
-def assert_close(actual, expected, rel, what):
-    diff = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs().max().clamp_min(1e-12)
-    assert diff.max() <= rel * scale, (f"{what}: max diff {diff.max():.3e}, mean diff {diff.mean():.3e}, "
-                                       f"allowed {rel * scale:.3e}")
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=2, vocab_size=100, num_labels=3)).eval()
 
 
 def trained(model, **kw):

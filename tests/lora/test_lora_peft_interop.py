@@ -8,34 +8,16 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import lora
 from lora import LoRALinear
+from tiny import assert_close, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft is not installed: PEFT interop is untested (pip install peft)")
 
 # Same math in the same order (fp32 adapters, base + delta added in fp32): measured bit-identical.
 # 1e-6 relative leaves room for a PEFT release that reorders the scaling multiply.
 REL = 1e-6
-
-
-def assert_close(actual, expected, what):
-    diff = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs().max()
-    assert diff.max() <= REL * scale, f"{what}: max diff {diff.max():.3e}, mean diff {diff.mean():.3e}"
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=2, vocab_size=100, num_labels=3)).eval()
 
 
 def logits(model):
@@ -71,7 +53,7 @@ def test_our_adapter_loads_in_peft(case, tmp_path):
     randomize(model, saved_head="modules_to_save" in ours)
     lora.save(model, tmp_path)
     peft_model = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    assert_close(logits(peft_model), logits(model), "PEFT-loaded vs ours")
+    assert_close(logits(peft_model), logits(model), REL, "PEFT-loaded vs ours")
     theirs = peft.get_peft_model_state_dict(peft_model)
     mine = lora.adapter_state_dict(model)
     assert set(theirs) == set(mine), "PEFT's adapter state dict has exactly our key names"
@@ -86,7 +68,7 @@ def test_peft_adapter_loads_here(case, tmp_path):
     peft_model.eval()
     peft_model.save_pretrained(str(tmp_path))
     model = lora.load(build(), tmp_path)
-    assert_close(logits(model), logits(peft_model), "ours vs PEFT")
+    assert_close(logits(model), logits(peft_model), REL, "ours vs PEFT")
     peft_names = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert {n for n, m in model.named_modules() if isinstance(m, LoRALinear)} == peft_names

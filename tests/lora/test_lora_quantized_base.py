@@ -7,15 +7,9 @@ import torch.nn.functional as F
 
 import lora
 from lora import LoRALinear
+from tiny import assert_close
 
 FP32_REL = 1e-5   # fp32 matmuls of K <= 32 terms vs fp64: measured ~1e-7
-
-
-def assert_close(actual, expected, rel, what):
-    diff = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs().max().clamp_min(1e-12)
-    assert diff.max() <= rel * scale, (f"{what}: max diff {diff.max():.3e}, mean diff {diff.mean():.3e}, "
-                                       f"allowed {rel * scale:.3e}")
 
 
 class Fake4bit(nn.Module):

@@ -20,27 +20,14 @@ from torch import nn
 import quant
 import quant.linear as qlinear
 from quant import Linear4bit, format_memory_report, memory_report
+from tiny import assert_close, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 # (out, in): square / 300x400 (rows are not whole blocks) / tiny odd / odd numel with a partial block
 SHAPES = {"64x64": (64, 64), "300x400": (300, 400), "1x7": (1, 7), "33x65": (33, 65)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors on a shared 2-core box: OpenMP thread hand-offs cost more than they save.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def assert_close(actual, expected, rel, what):
-    diff = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs().max().clamp(min=1e-12)
-    assert diff.max() <= rel * scale, (f"{what}: max |diff| {diff.max():.3g}, mean |diff| {diff.mean():.3g}, "
-                                       f"allowed {rel * scale:.3g} ({rel:.2g} x max |ref| {scale:.3g})")
 
 
 def make_linear(out_features, in_features, dtype=torch.float32, bias=True, seed=0):
@@ -356,14 +343,6 @@ def test_half_keeps_the_quant_state_in_fp32():
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-
-def tiny_llama(seed=0):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def test_quantize_replaces_every_linear_but_lm_head():

@@ -15,6 +15,8 @@ import quant.nf4 as nf4
 from quant import NF4_CODE, NF4State, dequantize_nf4, quantize_nf4
 from quant.nf4 import SUPPORTED_BLOCKSIZES, dequantize_absmax, dynamic_map
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 bnbf = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the byte-level reference")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,15 +24,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {"64x64": (64, 64), "300x400": (300, 400), "1x7": (1, 7), "33x65": (33, 65), "5": (5,),
           "3x1000": (3, 1000), "2x3x40": (2, 3, 40)}
 DQ = {"dq": True, "nodq": False}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors on a shared 2-core box: OpenMP thread hand-offs cost more than they save.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def assert_same(actual, expected, what):

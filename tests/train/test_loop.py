@@ -15,14 +15,7 @@ from train.checkpointing import (disable_gradient_checkpointing, enable_gradient
                                  is_gradient_checkpointing)
 from train.loop import FitResult, TrainConfig, epoch_batches, fit, latest_checkpoint, lr_multiplier
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: 2 intra-op threads on a shared 2-core box only spin-wait (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(tmp_path: Path, **overrides) -> TrainConfig:
