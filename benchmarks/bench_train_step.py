@@ -2,8 +2,9 @@
 
 Both sides, per step: forward + loss, backward, clip the adapters' gradient norm to 1, AdamW step, zero_grad.
 
-    ours   train.load_model -> quant.quantize (NF4, blocksize 64, double quant, compute dtype) -> lora.inject
-           -> train.enable_gradient_checkpointing (every decoder block, non-reentrant)
+    ours   train.load_model(quantize=...) (NF4, blocksize 64, double quant, compute dtype; each linear read from
+           the checkpoint and quantized in turn) -> lora.inject -> train.enable_gradient_checkpointing (every
+           decoder block, non-reentrant); the load pins glibc's mmap threshold (train/memory.py)
     peer   transformers BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype) -> bnb.nn.Linear4bit
            -> model.gradient_checkpointing_enable(use_reentrant=False) -> peft.get_peft_model(LoraConfig)
 
@@ -72,9 +73,9 @@ def build_ours(args, dtype, device):
     import quant
     import train
 
-    model, tokenizer = train.load_model(args.model, dtype=dtype)
+    # the 4-bit model read from the checkpoint one linear at a time (== load_model + quant.quantize, bit for bit)
+    model, tokenizer = train.load_model(args.model, dtype=dtype, quantize={"blocksize": 64, "double_quant": True})
     model.to(device)
-    quant.quantize(model, blocksize=64, double_quant=True, compute_dtype=dtype)  # backend: the device's default
     lora.inject(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets="all-linear")
     train.enable_gradient_checkpointing(model)
     layer = next(m for m in model.modules() if isinstance(m, quant.Linear4bit))

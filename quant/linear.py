@@ -357,12 +357,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
              compute_dtype: torch.dtype | None = None, backend: str | None = None,
-             skip: Iterable[str] = ("lm_head",)) -> nn.Module:
+             skip: Iterable[str] = ("lm_head",),
+             weights: Callable[[str], Tensor] | None = None) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by a Linear4bit, except names matching `skip`.
 
     A skip entry matches a module whose dotted name equals it or ends with "." + it. Each dense weight
     is released right after its layer is quantized, so peak memory is one model plus one layer.
     Call it before adding LoRA adapters (their lora_A/lora_B are nn.Linear too).
+
+    `weights`: for a model built on the meta device (no memory behind its parameters), a function from a
+    parameter's full name ("model.layers.0.mlp.up_proj.weight") to its tensor, e.g. read from a safetensors
+    file: each linear's weight (and bias) is read when its turn comes, quantized and dropped, so the dense
+    model never exists (train.load_model(..., quantize=...) builds models this way).
     """
     _check_layer_args(blocksize, backend, compute_dtype)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
@@ -373,7 +379,11 @@ def quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
         raise ValueError("model is itself an nn.Linear and cannot be replaced in place; "
                          "use Linear4bit.from_linear(model)")
     for name, linear in targets:
-        if uses[id(linear.weight)] > 1:
+        if linear.weight.is_meta:
+            linear.weight = nn.Parameter(_read(weights, name + ".weight"), requires_grad=False)
+        if linear.bias is not None and linear.bias.is_meta:
+            linear.bias = nn.Parameter(_read(weights, name + ".bias"), requires_grad=False)
+        if uses.get(id(linear.weight), 1) > 1:
             warnings.warn(f"{name}.weight is shared with another module; its 4-bit copy unties it", stacklevel=2)
         layer = Linear4bit.from_linear(linear, blocksize, double_quant, compute_dtype, backend)
         parent_name, _, child = name.rpartition(".")
@@ -382,6 +392,13 @@ def quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
     del targets
     _return_freed_memory()
     return model
+
+
+def _read(weights: Callable[[str], Tensor] | None, name: str) -> Tensor:
+    if weights is None:
+        raise ValueError(f"{name} is on the meta device (no data): pass `weights=` to read it, or load the "
+                         "model's weights first")
+    return weights(name)
 
 
 def _return_freed_memory() -> None:

@@ -227,3 +227,85 @@ def test_gemma3_converts_and_loads(tmp_path):
             torch.testing.assert_close(task.label_logits(model, batch)[0], full, atol=1e-4, rtol=1e-5)
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)  # the 1 GB cache
+
+
+# ----------------------------------------------------------------------------------------------------------
+# load_model(..., quantize=...): the 4-bit model built from the checkpoint one linear weight at a time
+
+def _tiny_gemma3_folder(tmp_path, tied: bool):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                               vocab_size=10, tie_word_embeddings=tied))
+    folder = tmp_path / f"gemma3-{'tied' if tied else 'untied'}"
+    model.save_pretrained(folder)
+    shutil.copy(tiny_folder(tmp_path) / "tokenizer.json", folder)
+    shutil.copy(tmp_path / "tiny" / "tokenizer_config.json", folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3-tied", "gemma3-untied"])
+def test_streamed_4bit_load_equals_load_then_quantize(tmp_path, arch, dtype):
+    import quant
+
+    folder = tiny_folder(tmp_path) if arch == "llama" else _tiny_gemma3_folder(tmp_path, arch.endswith("-tied"))
+    whole, _ = models.load_model(folder, dtype=dtype)
+    quant.quantize(whole, blocksize=64, compute_dtype=dtype)
+    streamed, _ = models.load_model(folder, dtype=dtype, quantize={"blocksize": 64})
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert dict(whole.named_buffers()).keys() == dict(streamed.named_buffers()).keys()
+    for name, buf in whole.named_buffers():                     # RoPE tables: computed, not read
+        assert torch.equal(buf, dict(streamed.named_buffers())[name]), name
+    head, embed = streamed.get_output_embeddings(), streamed.get_input_embeddings()
+    assert (head.weight is embed.weight) == whole.config.get_text_config().tie_word_embeddings
+    assert not any(p.is_meta for p in streamed.parameters())
+    ids = torch.tensor([[1, 3, 5, 7, 9, 2, 4]])
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids).logits, streamed(input_ids=ids).logits)
+
+
+def test_streamed_load_names_a_missing_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_folder(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(KeyError, match="model.layers.0.mlp.up_proj.weight"):
+        models.load_model(folder, quantize=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8])
+def test_safetensors_reader_equals_safetensors(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": (torch.randn(3, 5, generator=g) * 100).to(dtype), "b": torch.arange(7).to(dtype),
+               "empty": torch.zeros(0, 4, dtype=dtype), "scalar": torch.tensor(3).to(dtype)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    expected = load_file(tmp_path / "t.safetensors")
+    with models.SafetensorsReader(tmp_path / "t.safetensors") as reader:
+        assert sorted(reader.keys()) == sorted(expected)
+        for name, t in expected.items():
+            got = reader.read(name)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+
+
+def test_safetensors_reader_rejects_a_corrupt_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        models.SafetensorsReader(path)
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="glibc's mallopt")
+def test_pin_mmap_threshold_is_taken_by_glibc():
+    from train import memory
+
+    assert memory.pin_mmap_threshold(256 * 1024) is True
