@@ -62,7 +62,7 @@ def tokenizer(name: str = "smollm2-135m"):
 
 def run_script(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(EXAMPLES / script), *SMOKE, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -154,7 +154,7 @@ def test_sst2_export_merged_matches_the_adapter_model(sst2_run):
 
 def test_predict_cli_prints_a_label_per_text(sst2_run):
     proc = subprocess.run([sys.executable, "-m", "train.predict", "--adapter", str(sst2_run / "adapter"),
-                           *TEXTS[:2]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           *TEXTS[:2]], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2

@@ -60,7 +60,7 @@ def test_cli_prints_table_and_writes_png(saved, tmp_path, capsys):
 def test_python_dash_m_entry_point(saved):
     adapter, _, _ = saved
     result = subprocess.run([sys.executable, "-m", "lora.inspect", str(adapter)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "model.layers.1.mlp.down_proj" in result.stdout
     assert "RuntimeWarning" not in result.stderr

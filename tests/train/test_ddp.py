@@ -38,7 +38,7 @@ def launch(out_dir: Path, world: int, batch_size: int, steps: int) -> None:
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for rank, proc in enumerate(procs):
         try:
-            output, _ = proc.communicate(timeout=180)
+            output, _ = proc.communicate(timeout=600)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()

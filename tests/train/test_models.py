@@ -3,7 +3,6 @@ import importlib.util
 import json
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -141,27 +140,22 @@ def _require(name):
 
 @pytest.fixture(scope="module")
 def smollm2_cache(tmp_path_factory):
-    """SmolLM2 converted once (GGUF -> fp32 HF folder) into a fresh cache; (cache root, seconds it took)."""
+    """SmolLM2 converted once (GGUF -> fp32 HF folder) into a fresh cache; the cache root."""
     _require("smollm2-135m")
     root = tmp_path_factory.mktemp("qlora-cache")
-    t0 = time.perf_counter()
     models.ensure_cached(models.REGISTRY["smollm2-135m"], cache_dir=root)
-    yield root, time.perf_counter() - t0
+    yield root
     shutil.rmtree(root, ignore_errors=True)  # 538 MB; pytest would keep it for three runs
 
 
 @pytest.mark.real
 def test_smollm2_cache_round_trip(smollm2_cache):
-    root, convert_s = smollm2_cache
+    root = smollm2_cache
     folder = root / "smollm2-135m"
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp folders left behind
-    t0 = time.perf_counter()
-    model, tok = models.load_model("smollm2-135m", cache_dir=root)
-    load_s = time.perf_counter() - t0
-    print(f"convert {convert_s:.1f} s, load from cache {load_s:.2f} s")
-    assert load_s < convert_s / 3
+    model, tok = models.load_model("smollm2-135m", cache_dir=root)   # (that it reads, not converts: below)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.tie_word_embeddings
     assert tok.pad_token is not None and "<|im_start|>" in tok.chat_template
 
@@ -171,7 +165,7 @@ def test_smollm2_cached_weights_equal_the_gguf_dequantized(smollm2_cache):
     import gguf
     from safetensors import safe_open
 
-    root, _ = smollm2_cache
+    root = smollm2_cache
     spec = models.REGISTRY["smollm2-135m"]
     reader = gguf.GGUFReader(models.package_dir(spec) / spec.gguf)
     t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")  # Q4_1
@@ -183,7 +177,7 @@ def test_smollm2_cached_weights_equal_the_gguf_dequantized(smollm2_cache):
 
 @pytest.mark.real
 def test_smollm2_label_logits_equal_full_logits_one_forward(smollm2_cache):
-    root, _ = smollm2_cache
+    root = smollm2_cache
     model, tok = models.load_model("smollm2-135m", cache_dir=root)
     task = ClassificationTask(tok, ["negative", "positive"], system="Classify.", instruction="Sentiment?")
     batch = task.collate([{"text": "a gorgeous , witty film", "label": 1}, {"text": "dull", "label": 0}])  # (2, ~20)
