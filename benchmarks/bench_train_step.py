@@ -4,7 +4,7 @@ Both sides, per step: forward + loss, backward, clip the adapters' gradient norm
 
     ours   train.load_model(quantize=...) (NF4, blocksize 64, double quant, compute dtype; each linear read from
            the checkpoint and quantized in turn) -> lora.inject -> train.enable_gradient_checkpointing (every
-           decoder block, non-reentrant); the load pins glibc's mmap threshold (train/memory.py)
+           decoder block, non-reentrant)
     peer   transformers BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype) -> bnb.nn.Linear4bit
            -> model.gradient_checkpointing_enable(use_reentrant=False) -> peft.get_peft_model(LoraConfig)
 

@@ -63,7 +63,6 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing, is_gradient_checkpointing
 from .logging import RunLog
-from .memory import pin_mmap_threshold
 
 MEGA_BATCHES = 50   # batches per length-sorted chunk when grouping by length
 
@@ -194,8 +193,6 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
     _check(warmup < total_steps, f"warmup_steps {warmup} >= total steps {total_steps}: lower warmup_steps "
                                  "or train for more steps")
     device = params[0].device
-    if device.type == "cpu":
-        pin_mmap_threshold()                # RSS ~ live tensors, not every step's high-water mark (memory.py)
     autocast = _autocast(config.precision, device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     data_key = {"n_examples": len(train_data), "batch_size": config.batch_size, "grad_accum": config.grad_accum,

@@ -34,8 +34,6 @@ from pathlib import Path
 
 import torch
 
-from .memory import pin_mmap_threshold
-
 CACHE_VERSION = 1
 CACHE_MARKER = "onebox_cache.json"
 
@@ -296,7 +294,6 @@ def _load_quantized(folder: Path, dtype: torch.dtype, options: dict):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    pin_mmap_threshold()    # each dense weight read goes back to the OS when freed, not into glibc's heaps
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     with init_empty_weights(include_buffers=False):        # parameters on meta; buffers (RoPE) computed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

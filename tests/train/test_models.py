@@ -297,9 +297,3 @@ def test_safetensors_reader_rejects_a_corrupt_file(tmp_path):
     with pytest.raises(ValueError, match="not a safetensors file"):
         models.SafetensorsReader(path)
 
-
-@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="glibc's mallopt")
-def test_pin_mmap_threshold_is_taken_by_glibc():
-    from train import memory
-
-    assert memory.pin_mmap_threshold(256 * 1024) is True
