@@ -1,4 +1,4 @@
-"""Shared by every test: `tests/` on sys.path (for `tiny`), and the `one_thread` fixture."""
+"""Shared by every test: `tests/` on sys.path (for `tiny`), the `one_thread` and `smol_tok` fixtures."""
 import sys
 from pathlib import Path
 
@@ -16,3 +16,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    """The real SmolLM2 tokenizer (no weights); skips where the model package is not installed."""
+    from train import models
+
+    try:
+        return models.load_tokenizer("smollm2-135m")
+    except ModuleNotFoundError as e:
+        pytest.skip(f"SmolLM2 package not installed: {e}")

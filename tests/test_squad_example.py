@@ -32,18 +32,8 @@ def rows():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from train import models
-
-    try:
-        return models.load_tokenizer("smollm2-135m")
-    except ModuleNotFoundError as e:
-        pytest.skip(f"SmolLM2 package not installed: {e}")
-
-
-@pytest.fixture(scope="module")
-def task(tok):
-    return GenerationTask(tok, system="Answer from the context.", max_length=128)
+def task(smol_tok):
+    return GenerationTask(smol_tok, system="Answer from the context.", max_length=128)
 
 
 def _late_answer_rows(task, rows, n=3):
@@ -60,33 +50,33 @@ def _late_answer_rows(task, rows, n=3):
     raise AssertionError("no answer late enough in its context")
 
 
-def _answer_text(tok, enc):
-    return tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE])
+def _answer_text(smol_tok, enc):
+    return smol_tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # prompts and labels
 
-def test_cut_context_keeps_the_answer_and_the_question(task, tok, rows):
+def test_cut_context_keeps_the_answer_and_the_question(task, smol_tok, rows):
     for r in _late_answer_rows(task, rows):
         with pytest.warns(UserWarning, match="context was cut"):
             task.n_truncated = 0
             enc = task.encode(r)
-        prompt = tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l == IGNORE])
+        prompt = smol_tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l == IGNORE])
         assert len(enc["input_ids"]) <= task.max_length
         assert task.target(r) in prompt, "the answer fell out of the training prompt"
         assert prompt.endswith(f"Question: {r['question'].strip()}<|im_end|>\n<|im_start|>assistant\n")
         # at test time nothing is known: the head is kept, so this answer is gone
-        assert task.target(r) not in tok.decode(task.encode_prompt(r))
+        assert task.target(r) not in smol_tok.decode(task.encode_prompt(r))
 
 
-def test_labels_are_the_answer_and_end_of_turn_only(task, tok, rows):
+def test_labels_are_the_answer_and_end_of_turn_only(task, smol_tok, rows):
     answerable = next(r for r in rows if not r["is_impossible"])
     impossible = next(r for r in rows if r["is_impossible"])
-    assert _answer_text(tok, task.encode(answerable)) == task.target(answerable) + "<|im_end|>"
-    assert _answer_text(tok, task.encode(impossible)) == "unanswerable<|im_end|>"
+    assert _answer_text(smol_tok, task.encode(answerable)) == task.target(answerable) + "<|im_end|>"
+    assert _answer_text(smol_tok, task.encode(impossible)) == "unanswerable<|im_end|>"
     assert task.target(answerable) in answerable["answers"]
-    assert tok.convert_ids_to_tokens(task.abstain_id) == "un"
+    assert smol_tok.convert_ids_to_tokens(task.abstain_id) == "un"
 
 
 @pytest.mark.parametrize("generated, expected", [
@@ -103,8 +93,8 @@ def test_target_is_the_answer_most_annotators_gave(task):
     assert task.target({"answers": ["in France", "France"], "is_impossible": False}) == "France"  # tie: shortest
 
 
-def test_packing_keeps_every_question_with_its_answer_in_the_context(tok, rows):
-    task = GenerationTask(tok, system="Answer from the context.", max_length=160)
+def test_packing_keeps_every_question_with_its_answer_in_the_context(smol_tok, rows):
+    task = GenerationTask(smol_tok, system="Answer from the context.", max_length=160)
     context = max({r["context"] for r in rows[:400]}, key=len)
     group = [r for r in rows if r["context"] == context]
     packed = task.pack(group)
@@ -112,9 +102,9 @@ def test_packing_keeps_every_question_with_its_answer_in_the_context(tok, rows):
     for p in packed:
         shared = sum(s == 0 for s in p["segment_ids"])
         assert shared <= task.max_length and max(p["position_ids"]) < task.max_length + 40
-        text = tok.decode(p["input_ids"][:shared])
+        text = smol_tok.decode(p["input_ids"][:shared])
         for k in range(1, p["n_questions"] + 1):
-            answer = tok.decode([t for t, l, s in zip(p["input_ids"], p["labels"], p["segment_ids"])
+            answer = smol_tok.decode([t for t, l, s in zip(p["input_ids"], p["labels"], p["segment_ids"])
                                  if s == k and l != IGNORE])
             assert answer.endswith("<|im_end|>")
             assert answer == "unanswerable<|im_end|>" or answer.removesuffix("<|im_end|>") in text
@@ -129,12 +119,12 @@ def tiny_llama(vocab_size: int):
     return LlamaForCausalLM(config).eval()
 
 
-def test_packed_loss_equals_one_by_one_loss(tok, rows):
-    task = GenerationTask(tok, system="Answer from the context.", max_length=512)
+def test_packed_loss_equals_one_by_one_loss(smol_tok, rows):
+    task = GenerationTask(smol_tok, system="Answer from the context.", max_length=512)
     context = rows[0]["context"]
     group = [r for r in rows if r["context"] == context][:6]
     assert {r["is_impossible"] for r in group} == {True, False}
-    model = tiny_llama(len(tok))
+    model = tiny_llama(len(smol_tok))
     packed = task.pack(group)
     assert len(packed) == 1  # nothing cut at 512 tokens
     loss_packed, info = task.loss(model, task.collate(packed + pack_training_set(task, rows[40:50], 16)))
@@ -142,16 +132,16 @@ def test_packed_loss_equals_one_by_one_loss(tok, rows):
     assert abs(loss_packed.item() - loss_single.item()) < ATOL, (loss_packed.item(), loss_single.item())
 
 
-def test_dequantized_inference_changes_no_number(tok, rows):
+def test_dequantized_inference_changes_no_number(smol_tok, rows):
     import lora
     import quant
     from train.qa_recipe import dequantized
 
-    model = tiny_llama(len(tok)).to(torch.bfloat16)
+    model = tiny_llama(len(smol_tok)).to(torch.bfloat16)
     quant.quantize(model, compute_dtype=torch.bfloat16, backend="torch")
     lora.inject(model, r=4, alpha=8, dropout=0.0)
     torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.lora_B.weight)  # a non-zero update
-    batch = GenerationTask(tok, max_length=256).collate(rows[:3])
+    batch = GenerationTask(smol_tok, max_length=256).collate(rows[:3])
     with torch.no_grad():
         ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with dequantized(model):
@@ -196,7 +186,7 @@ def test_threshold_abstains_where_it_pays():
 # ----------------------------------------------------------------------------------------------------------
 # the script, end to end
 
-def test_smoke_run_writes_every_output(tmp_path, tok, rows):
+def test_smoke_run_writes_every_output(tmp_path, smol_tok, rows):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "examples/squad_v2.py", "--max-steps", "2", "--limit", "16",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,

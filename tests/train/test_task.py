@@ -291,16 +291,6 @@ def test_extract_answer(tok, generated, expected):
 # ----------------------------------------------------------------------------------------------------------
 # the real SmolLM2 tokenizer (tokenizer only: no weights are run)
 
-@pytest.fixture(scope="module")
-def smol_tok():
-    from train import models
-
-    try:
-        return models.load_tokenizer("smollm2-135m")
-    except ModuleNotFoundError as e:
-        pytest.skip(f"SmolLM2 package not installed: {e}")
-
-
 SST2_LIKE = ["it 's a charming and often affecting journey . ",
              "unflinchingly bleak and desperate ",
              "the acting , costumes , music , cinematography and sound are all astounding given the production 's "
