@@ -3,14 +3,17 @@
 Both sides, per step: forward + loss, backward, clip the adapters' gradient norm to 1, AdamW step, zero_grad.
 
     ours   train.load_model(quantize=...) (NF4, blocksize 64, double quant, compute dtype; each linear read from
-           the checkpoint and quantized in turn) -> lora.inject -> train.enable_gradient_checkpointing (every
+           the checkpoint and quantized in turn; SDPA attention with short bf16 sequences run in fp32 on the
+           CPU, train/attention.py) -> lora.inject(compute_dtype="base": the adapter's matmuls in the compute
+           dtype from fp32 weights, as the recipes run them) -> train.enable_gradient_checkpointing (every
            decoder block, non-reentrant)
+    ours_fp32   the same with lora.inject(compute_dtype=None): the adapter math in fp32, as PEFT does it
     peer   transformers BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype) -> bnb.nn.Linear4bit
            -> model.gradient_checkpointing_enable(use_reentrant=False) -> peft.get_peft_model(LoraConfig)
 
 Same on both sides: the fp32 checkpoint (load_model's cache folder), the compute dtype (the backbone is loaded in
 it; LoRA weights are fp32 on both sides, PEFT's autocast_adapter_dtype), r, alpha, dropout, all linear layers but
-the (tied, unquantized) LM head: 4,884,480 trainable parameters; the same random token batches (B x T, no
+the (tied, unquantized) LM head: 4,884,480 trainable parameters (fp32); the same random token batches (B x T, no
 padding), torch.optim.AdamW(lr=2e-4), and the same loss CODE, one of:
     label  train.ClassificationTask.loss: cross-entropy over the 2 label words at the last position, the head
            applied to those 2 rows only (our recipe's loss; run on the PeftModel's decoder just the same)
@@ -18,7 +21,8 @@ padding), torch.optim.AdamW(lr=2e-4), and the same loss CODE, one of:
 Not done on the peer side: `prepare_model_for_kbit_training`, which would cast the embeddings, norms and head to
 fp32 (slower and bigger, and no longer the same work). What differs is only the library: the 4-bit layer, the LoRA
 wrapper, the checkpointing wrapper (HF's also makes the embedding output require grad: one extra (B, T, d) input
-gradient, negligible).
+gradient, negligible), the attention kernel's precision (ours: fp32 for short bf16 sequences on the CPU, more
+precise), and for `ours` (not `ours_fp32`) the adapter matmuls in bf16 (what torch.autocast would do).
 
 Time: the median of `--steps` steps after `--warmup` steps (the warm-up allocates AdamW's state), wall clock
 around the whole step, all CPU cores (`--threads`; a user's training run uses them all); also the process CPU
@@ -53,7 +57,7 @@ from common import (environment, max_rss_bytes, pick_device, print_table, reset_
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LABEL_WORDS = ("negative", "positive")
-SIDES = ("peer", "ours")
+SIDES = ("peer", "ours", "ours_fp32")
 GB = 1e9
 COLUMNS = [("dtype", "dtype", "{}"), ("loss", "loss", "{}"), ("side", "side", "{}"),
            ("setup_s", "setup s", "{:.1f}"), ("step_s", "step s (median)", "{:.3f}"),
@@ -68,7 +72,7 @@ COLUMNS = [("dtype", "dtype", "{}"), ("loss", "loss", "{}"), ("side", "side", "{
 # ----------------------------------------------------------------------------------------------------------
 # the two sides (each runs in its own process)
 
-def build_ours(args, dtype, device):
+def build_ours(args, dtype, device, adapter_compute="base"):
     import lora
     import quant
     import train
@@ -76,10 +80,13 @@ def build_ours(args, dtype, device):
     # the 4-bit model read from the checkpoint one linear at a time (== load_model + quant.quantize, bit for bit)
     model, tokenizer = train.load_model(args.model, dtype=dtype, quantize={"blocksize": 64, "double_quant": True})
     model.to(device)
-    lora.inject(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets="all-linear")
+    lora.inject(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets="all-linear",
+                compute_dtype=adapter_compute)
     train.enable_gradient_checkpointing(model)
     layer = next(m for m in model.modules() if isinstance(m, quant.Linear4bit))
-    return model.train(), tokenizer, {"backend": layer.backend, "blocksize": layer.quant_state.blocksize}
+    return model.train(), tokenizer, {"backend": layer.backend, "blocksize": layer.quant_state.blocksize,
+                                      "attention": model.config._attn_implementation,
+                                      "adapter_compute": adapter_compute or "fp32"}
 
 
 def build_peer(args, dtype, device):
@@ -148,7 +155,10 @@ def child(args):
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tokenizer, info = (build_ours if args.child == "ours" else build_peer)(args, dtype, device)
+    if args.child == "peer":
+        model, tokenizer, info = build_peer(args, dtype, device)
+    else:
+        model, tokenizer, info = build_ours(args, dtype, device, None if args.child == "ours_fp32" else "base")
     setup_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
@@ -218,7 +228,7 @@ def child_args(args, dtype, loss, side):
            "--dropout", args.dropout, "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads]
     if args.device:
         out += ["--device", args.device]
-    if args.profile and side == "ours":
+    if args.profile and side != "peer":
         out.append("--profile")
     return out
 

@@ -29,6 +29,8 @@ def parser(description: str, *, train_limit: int, out_name: str) -> argparse.Arg
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--targets", default="all-linear")
+    p.add_argument("--adapter-compute", default="base", choices=["base", "fp32"],
+                   help="adapter math in the backbone dtype (fp32 weights, bf16 matmuls) or in fp32")
     p.add_argument("--backend", default=None, choices=[None, "torch", "bnb", "triton"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--few-shot", type=int, default=0, help="k for a k-shot baseline row (0: none)")
@@ -42,8 +44,8 @@ def parser(description: str, *, train_limit: int, out_name: str) -> argparse.Arg
 def recipe_from_args(args: argparse.Namespace, **task) -> ClassificationRecipe:
     return ClassificationRecipe(
         out_dir=args.out, model=args.model, r=args.r, alpha=args.alpha, dropout=args.dropout,
-        targets=args.targets, backend=args.backend, dtype=args.dtype, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        few_shot=args.few_shot, grad_checkpointing=args.grad_checkpointing, resume=args.resume,
+        targets=args.targets, adapter_compute=args.adapter_compute, backend=args.backend, dtype=args.dtype,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, few_shot=args.few_shot, grad_checkpointing=args.grad_checkpointing, resume=args.resume,
         export_merged=args.export_merged, seed=args.seed, **task)
 

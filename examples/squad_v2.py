@@ -51,7 +51,8 @@ def main() -> None:
         n_test=min(args.n_test, limit or args.n_test), n_calib=min(args.n_calib, limit or args.n_calib),
         train_limit=min(filter(None, (args.train_limit, limit)), default=None), abstain=args.abstain,
         train_minutes=args.train_minutes,
-        r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets, backend=args.backend,
+        r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
+        adapter_compute=args.adapter_compute, backend=args.backend,
         dtype=args.dtype, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
         resume=args.resume)

@@ -11,13 +11,13 @@ This package never imports `quant` (or peft): a 4-bit base is anything with in_f
 out_features, forward, dequantize() and quantized_copy(weight).
 """
 
-from .inject import LoraConfig, inject, trainable_parameters
+from .inject import LoraConfig, inject, set_compute_dtype, trainable_parameters
 from .io import adapter_state_dict, load, save
 from .layer import LoRALinear
 from .merge import merge, merge_and_unload, unmerge
 
-__all__ = ["LoRALinear", "LoraConfig", "inject", "trainable_parameters", "merge", "unmerge", "merge_and_unload",
-           "save", "load", "adapter_state_dict", "update_norms"]
+__all__ = ["LoRALinear", "LoraConfig", "inject", "set_compute_dtype", "trainable_parameters", "merge", "unmerge",
+           "merge_and_unload", "save", "load", "adapter_state_dict", "update_norms"]
 
 
 def __getattr__(name):

@@ -200,8 +200,12 @@ def apply(model: nn.Module, config: LoraConfig, targets: list[str], saved: list[
 
 
 def inject(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05, targets="all-linear",
-           modules_to_save=None, use_rslora: bool = False) -> nn.Module:
-    """Adds LoRA adapters to `model` in place and returns it (see the module docstring for `targets`)."""
+           modules_to_save=None, use_rslora: bool = False, compute_dtype: str | None = None) -> nn.Module:
+    """Adds LoRA adapters to `model` in place and returns it (see the module docstring for `targets`).
+
+    compute_dtype: None runs the adapter math in fp32 (its weights' dtype; PEFT's default); "base" runs it in
+    the base layer's output dtype, autocast-style (fp32 weights, bf16 matmuls; faster on the CPU, see
+    lora.layer). A training-time choice: not saved with the adapter; `set_compute_dtype` changes it later."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects a torch.nn.Module, got {type(model).__name__}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
@@ -210,7 +214,23 @@ def inject(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0
     saved = resolve_modules_to_save(model, config.modules_to_save)
     names = plan_targets(model, config, saved)
     config.task_type = _infer_task_type(model, names)
-    return apply(model, config, names, saved)
+    _check_compute_dtype(compute_dtype)                        # before the model is changed
+    return set_compute_dtype(apply(model, config, names, saved), compute_dtype)
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+    if compute_dtype not in LoRALinear.COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be None (the adapter's fp32) or 'base' (the base layer's output "
+                         f"dtype, autocast-style); got {compute_dtype!r}")
+
+
+def set_compute_dtype(model: nn.Module, compute_dtype: str | None) -> nn.Module:
+    """Sets every LoRA layer's compute_dtype (None: fp32 | "base": the base output's dtype); returns model."""
+    _check_compute_dtype(compute_dtype)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.compute_dtype = compute_dtype
+    return model
 
 
 class ParamCount(dict):

@@ -1,7 +1,8 @@
 """The run's record: one JSON line per logged step (tail -f friendly), CSVs and a PNG of the curves at the end.
 
-    out_dir/train_log.jsonl   {"kind": "train", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s",
-                               "elapsed_s", ...loss_fn stats}  and  {"kind": "eval", "step", ...eval_fn metrics}
+    out_dir/train_log.jsonl   {"kind": "train", "step", "epoch", "loss" (this step's), "loss_mean" (over the
+                               steps since the last row), "lr", "grad_norm", "tokens_per_s", "elapsed_s",
+                               ...loss_fn stats}  and  {"kind": "eval", "step", ...eval_fn metrics}
     out_dir/train_log.csv     the train rows, fixed columns first
     out_dir/eval_log.csv      the eval rows (columns: step, epoch, then the metric names)
     out_dir/train_curves.png  loss, learning rate and gradient norm against step (eval loss too, if present)
@@ -20,7 +21,7 @@ import math
 import os
 from pathlib import Path
 
-TRAIN_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
+TRAIN_COLUMNS = ["step", "epoch", "loss", "loss_mean", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
 
 
 class RunLog:
@@ -87,7 +88,10 @@ def plot_curves(train: list[dict], evals: list[dict], path: str | os.PathLike) -
 
     steps = [r["step"] for r in train]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(steps, [r["loss"] for r in train], label="train")
+    axes[0].plot(steps, [r["loss"] for r in train], alpha=0.35, label="train (logged step)")
+    means = [(r["step"], r["loss_mean"]) for r in train if _is_number(r.get("loss_mean"))]
+    if means:
+        axes[0].plot(*zip(*means), label="train (mean since the last point)")
     eval_loss = [(r["step"], r["loss"]) for r in evals if _is_number(r.get("loss"))]
     if eval_loss:
         axes[0].plot(*zip(*eval_loss), "o-", label="eval")

@@ -230,7 +230,7 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
     last = next((r for r in reversed(log.train_rows())), {})
     final_loss, stopped = last.get("loss"), None
     t_start, train_time, session_tokens = time.perf_counter(), 0.0, 0.0
-    window_time, window_tokens = 0.0, 0.0
+    window_time, window_tokens, window_losses = 0.0, 0.0, []
     try:
         while step < total_steps:
             t0 = time.perf_counter()
@@ -266,16 +266,18 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
             dt = time.perf_counter() - t0
             train_time, session_tokens = train_time + dt, session_tokens + step_tokens
             window_time, window_tokens = window_time + dt, window_tokens + step_tokens
+            window_losses.append(loss_value)
             bar.update(1)
 
             epoch_f = step * config.grad_accum / micro_per_epoch
             if step % config.log_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": round(epoch_f, 4), "loss": loss_value, "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                row = {"step": step, "epoch": round(epoch_f, 4), "loss": loss_value,
+                       "loss_mean": sum(window_losses) / len(window_losses), "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": window_tokens / max(window_time, 1e-9),
                        "elapsed_s": elapsed0 + time.perf_counter() - t_start, **stats}
                 log.log("train", row)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                window_time, window_tokens = 0.0, 0.0
+                window_time, window_tokens, window_losses = 0.0, 0.0, []
             if eval_fn is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 _evaluate(model, eval_fn, autocast, log, step, epoch_f, main)
             if config.save_every and step % config.save_every == 0 and step < total_steps and main:

@@ -25,7 +25,6 @@ import string
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 NONE = "none"  # the name of the "could not be parsed" prediction
 
@@ -75,6 +74,10 @@ def _has_str(x) -> bool:
 
 
 def _metrics_from(y: np.ndarray, pred: np.ndarray, probs: np.ndarray | None, names: list[str]) -> dict:
+    # Note: sklearn is imported here, not at the top: it pulls scipy, pandas and pyarrow, ~146 MB of RSS that a
+    # process importing `train` to train (the benchmarks, a user's own loop) would carry for nothing.
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     labels = list(range(len(names)))
     p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, average=None, zero_division=0)
     n_unparsed = int((pred < 0).sum())
@@ -101,6 +104,8 @@ def _metrics_from(y: np.ndarray, pred: np.ndarray, probs: np.ndarray | None, nam
 def _roc_auc(y: np.ndarray, probs: np.ndarray | None, n_classes: int) -> float | None:
     if probs is None or len(np.unique(y)) < n_classes:
         return None
+    from sklearn.metrics import roc_auc_score
+
     if n_classes == 2:
         return float(roc_auc_score(y, probs[:, 1]))
     probs = probs / probs.sum(axis=1, keepdims=True)  # sklearn's ovr wants rows that sum to 1

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .attention import use_fast_attention
+
 CACHE_VERSION = 1
 CACHE_MARKER = "onebox_cache.json"
 
@@ -213,6 +215,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
     same layers, bytes and outputs as `quant.quantize(load_model(...))`; for SmolLM2 in bf16 the load's peak
     RSS falls from ~1.37 GB to ~0.6 GB. Causal LMs with safetensors checkpoints only; others are loaded whole
     and quantized after.
+
+    Attention: models on SDPA are switched to `train.attention.NAME` (the same SDPA, with bf16 attention over at
+    most 256 keys run in fp32 on the CPU: faster there, see train/attention.py).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -240,6 +245,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
         quant.quantize(model, compute_dtype=dtype, **options)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    use_fast_attention(model)   # SDPA, with short bf16 sequences on the CPU run in fp32 (train/attention.py)
     return model.eval(), tokenizer
 
 

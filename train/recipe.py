@@ -3,7 +3,8 @@
     load backbone (bf16 on a CPU with avx512_bf16 / any GPU, else fp32)
       -> zero-shot (and optional k-shot) probabilities on the held-out split
       -> quant.quantize (NF4 + double quant, compute in the same dtype)
-      -> lora.inject (fp32 adapters) -> train.fit (label-word loss at the answer position)
+      -> lora.inject (fp32 adapters; their math in bf16 unless adapter_compute="fp32")
+      -> train.fit (label-word loss at the answer position)
       -> fine-tuned probabilities -> metrics.json / results.md / predictions.csv / PNGs -> adapter
 
 The examples in examples/ only choose the data, the label words and the prompt; everything that runs lives
@@ -55,7 +56,8 @@ class ClassificationRecipe:
     dropout: float = 0.0                          # dropout masks cost ~30% of a CPU step; 1 epoch needs none
     targets: str | Sequence[str] = "all-linear"
     use_rslora: bool = False
-    # quantization
+    adapter_compute: str = "base"                 # "base": adapter math in the backbone dtype (fp32 weights,
+                                                  # bf16 matmuls, ~15% faster CPU steps) | "fp32" (PEFT's)
     blocksize: int = 64
     double_quant: bool = True
     backend: str | None = None                    # None: the fastest correct one for the device
@@ -73,6 +75,13 @@ class ClassificationRecipe:
     resume: bool = False
     export_merged: str | None = None              # write a plain HF checkpoint of the merged model here
     extra: dict = field(default_factory=dict)     # anything the example wants recorded in metrics.json
+
+
+def adapter_compute_dtype(name: str) -> str | None:
+    """A recipe's adapter_compute ("fp32" | "base") as lora.inject's compute_dtype."""
+    if name not in ("fp32", "base"):
+        raise ValueError(f"adapter_compute must be 'fp32' or 'base', got {name!r}")
+    return None if name == "fp32" else "base"
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -190,8 +199,8 @@ def run_classification(
 
     quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
                    compute_dtype=dtype, backend=recipe.backend)
-    lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout,
-                targets=recipe.targets, use_rslora=recipe.use_rslora)
+    lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets,
+                use_rslora=recipe.use_rslora, compute_dtype=adapter_compute_dtype(recipe.adapter_compute))
     counts = lora.trainable_parameters(model)
     memory = quant.memory_report(model)
     _say(f"trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")

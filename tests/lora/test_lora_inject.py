@@ -130,3 +130,15 @@ def test_adapter_gets_gradients_through_a_frozen_model():
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(".lora_" in n for n in grads)
     assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_compute_dtype_reaches_every_layer_and_bad_values_change_nothing():
+    model = tiny_llama().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        lora.inject(model, r=2, alpha=4, compute_dtype="fp16")
+    assert not adapted(model), "a rejected inject must leave the model as it was"
+    lora.inject(model, r=2, alpha=4, compute_dtype="base")
+    layers_ = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert layers_ and all(m.compute_dtype == "base" for m in layers_)
+    lora.set_compute_dtype(model, None)
+    assert all(m.compute_dtype is None for m in layers_)

@@ -424,6 +424,21 @@ def test_random_batches_drop_the_incomplete_one():
 
 # ----------------------------------------------------------------------------- logs and eval
 
+def test_loss_mean_averages_the_steps_since_the_last_row(tmp_path):
+    losses = []
+
+    def recording_loss(model, batch):
+        loss, stats = loss_fn(model, batch)
+        losses.append(loss.item())
+        return loss, stats
+
+    result, _ = run(tmp_path, loss=recording_loss, max_steps=5, log_every=2)
+    assert [r["step"] for r in result.history] == [2, 4, 5]
+    for row, window in zip(result.history, (losses[0:2], losses[2:4], losses[4:5])):
+        assert row["loss"] == pytest.approx(window[-1], rel=1e-6)                 # the logged step's own loss
+        assert row["loss_mean"] == pytest.approx(sum(window) / len(window), rel=1e-6)
+
+
 def test_logs_plot_and_eval_are_written(tmp_path):
     seen = []
 
@@ -440,10 +455,10 @@ def test_logs_plot_and_eval_are_written(tmp_path):
     assert [r["step"] for r in result.history] == [2, 4, 5]               # every log_every, and the last
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
-    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= train_rows[0].keys()
+    assert {"step", "epoch", "loss", "loss_mean", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= train_rows[0].keys()
     assert train_rows[0]["tokens_per_s"] > 0 and result.tokens_per_s > 0
     header = (out / "train_log.csv").read_text().splitlines()[0]
-    assert header.startswith("step,epoch,loss,lr,grad_norm,tokens_per_s,elapsed_s")
+    assert header.startswith("step,epoch,loss,loss_mean,lr,grad_norm,tokens_per_s,elapsed_s")
     assert (out / "eval_log.csv").read_text().splitlines()[0] == "step,epoch,loss,accuracy"
     assert (out / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
 
