@@ -1,6 +1,8 @@
 """Time to 88% SST-2 dev accuracy: our recipe vs the usual PEFT recipe, each side in its own process.
 
-    ours   train.recipe's defaults (ClassificationRecipe): quant.quantize (NF4, double quant) + lora.inject, the
+    ours   train.recipe's defaults (ClassificationRecipe): train.load_model (its SDPA attention, bf16 attention
+           over short sequences run in fp32), quant.quantize (NF4, double quant) + lora.inject (the adapter
+           matmuls in bf16 from fp32 weights, the recipe's adapter_compute="base"), the
            label-word loss at the answer position (the head applied to the 2 label rows of the B last states),
            batches grouped by length (train.loop.epoch_batches) and padded to their own longest prompt; the
            recipe's dropout and gradient-checkpointing defaults (both off on CPU).
@@ -57,12 +59,13 @@ def build_ours(recipe, dtype, task, args):
     import lora
     import quant
     import train
+    from train.recipe import adapter_compute_dtype
 
     model, _ = train.load_model(recipe.model, dtype=dtype)
     quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant, compute_dtype=dtype,
                    backend=recipe.backend)
     lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets,
-                use_rslora=recipe.use_rslora)
+                use_rslora=recipe.use_rslora, compute_dtype=adapter_compute_dtype(recipe.adapter_compute))
     if recipe.grad_checkpointing:
         train.enable_gradient_checkpointing(model)
     encode = lambda row: {"input_ids": task.encode(row["text"]), "label": int(row["label"])}  # noqa: E731

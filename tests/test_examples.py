@@ -205,7 +205,7 @@ def test_financial_phrasebank_split_and_few_shot_prompt():
         assert sorted(np.bincount([r["label"] for r in rows]).tolist()) == [300, 300, 300]
     assert not {r["text"] for r in train_rows} & {r["text"] for r in test_rows}
     recipe = fpb.make_recipe(args)
-    assert recipe.few_shot == 4 and recipe.epochs == 3.0
+    assert recipe.few_shot == 4 and recipe.epochs == 5.0 and recipe.adapter_compute == "base"
     tok = tokenizer()
     task = build_task(recipe, tok)
     assert len(set(task.label_ids)) == 3

@@ -1,5 +1,6 @@
 """train: a minimal QLoRA training loop and the data, prompt, metric and model plumbing around it."""
 from . import distributed
+from .attention import use_fast_attention
 from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from .data import DATASETS, LABELS, label_names, load_split, squad_split_sizes
 from .loop import FitResult, TrainConfig, fit, lr_multiplier
@@ -9,7 +10,7 @@ from .report import write_report
 from .task import ClassificationTask, GenerationTask, SequenceClassificationTask
 
 __all__ = [
-    "distributed", "enable_gradient_checkpointing", "disable_gradient_checkpointing",
+    "distributed", "use_fast_attention", "enable_gradient_checkpointing", "disable_gradient_checkpointing",
     "DATASETS", "LABELS", "label_names", "load_split", "squad_split_sizes",
     "FitResult", "TrainConfig", "fit", "lr_multiplier",
     "classification_metrics", "normalize_answer", "squad_metrics",

@@ -157,7 +157,8 @@ def _load_sst2(source, split: str, *, seed: int) -> list[dict]:
         warnings.warn(_SST2_TEST_NOTE, stacklevel=3)
     if source == "hub":
         raw = _hub("sst2", None, "train" if split == "train" else "validation")
-        return [{"text": r["sentence"].strip(), "label": _check_label(r["label"], "sst2", f"hub row {i}", r["sentence"])}
+        return [{"text": r["sentence"].strip(),
+                 "label": _check_label(r["label"], "sst2", f"hub row {i}", r["sentence"])}
                 for i, r in enumerate(raw)]
     fname = "train.tsv" if split == "train" else "dev.tsv"
     lines = _read_lines(Path(source) / fname)

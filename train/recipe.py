@@ -109,7 +109,8 @@ def evaluate(task, model, rows, label_names, batch_size: int,
              group_key: str | None = None) -> tuple[dict, np.ndarray]:
     """Probabilities over the label words for every row, and the metrics they give (per group too)."""
     t0 = time.perf_counter()
-    probs = task.predict_proba(model, [r["text"] for r in rows], batch_size=batch_size)  # (N, C)
+    probs = task.predict_proba(model, [r["text"] for r in rows], batch_size=batch_size,
+                               progress=is_main())                                   # (N, C)
     metrics = classification_metrics([r["label"] for r in rows], probs, label_names)
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
     if group_key is not None:

@@ -455,7 +455,8 @@ def test_logs_plot_and_eval_are_written(tmp_path):
     assert [r["step"] for r in result.history] == [2, 4, 5]               # every log_every, and the last
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
-    assert {"step", "epoch", "loss", "loss_mean", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= train_rows[0].keys()
+    columns = {"step", "epoch", "loss", "loss_mean", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    assert columns <= train_rows[0].keys()
     assert train_rows[0]["tokens_per_s"] > 0 and result.tokens_per_s > 0
     header = (out / "train_log.csv").read_text().splitlines()[0]
     assert header.startswith("step,epoch,loss,loss_mean,lr,grad_norm,tokens_per_s,elapsed_s")
