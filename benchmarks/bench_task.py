@@ -59,13 +59,12 @@ def build_ours(recipe, dtype, task, args):
     import lora
     import quant
     import train
-    from train.recipe import adapter_compute_dtype
 
     model, _ = train.load_model(recipe.model, dtype=dtype)
     quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant, compute_dtype=dtype,
                    backend=recipe.backend)
     lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets,
-                use_rslora=recipe.use_rslora, compute_dtype=adapter_compute_dtype(recipe.adapter_compute))
+                use_rslora=recipe.use_rslora, compute_dtype=recipe.adapter_compute)
     if recipe.grad_checkpointing:
         train.enable_gradient_checkpointing(model)
     encode = lambda row: {"input_ids": task.encode(row["text"]), "label": int(row["label"])}  # noqa: E731

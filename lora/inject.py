@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .layer import LoRALinear, is_linear_like, is_quantized
+from .layer import LoRALinear, check_compute_dtype, is_linear_like, is_quantized
 
 ALL_LINEAR = "all-linear"
 HEAD_NAMES = ("lm_head", "classifier", "score")
@@ -203,9 +203,9 @@ def inject(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0
            modules_to_save=None, use_rslora: bool = False, compute_dtype: str | None = None) -> nn.Module:
     """Adds LoRA adapters to `model` in place and returns it (see the module docstring for `targets`).
 
-    compute_dtype: None runs the adapter math in fp32 (its weights' dtype; PEFT's default); "base" runs it in
-    the base layer's output dtype, autocast-style (fp32 weights, bf16 matmuls; faster on the CPU, see
-    lora.layer). A training-time choice: not saved with the adapter; `set_compute_dtype` changes it later."""
+    compute_dtype: None (or "fp32") runs the adapter math in fp32 (its weights' dtype; PEFT's default); "base"
+    runs it in the base layer's output dtype, autocast-style (fp32 weights, bf16 matmuls; faster on the CPU,
+    see lora.layer). A training-time choice: not saved with the adapter; `set_compute_dtype` changes it later."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects a torch.nn.Module, got {type(model).__name__}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
@@ -214,19 +214,13 @@ def inject(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0
     saved = resolve_modules_to_save(model, config.modules_to_save)
     names = plan_targets(model, config, saved)
     config.task_type = _infer_task_type(model, names)
-    _check_compute_dtype(compute_dtype)                        # before the model is changed
+    check_compute_dtype(compute_dtype)                         # before the model is changed
     return set_compute_dtype(apply(model, config, names, saved), compute_dtype)
 
 
-def _check_compute_dtype(compute_dtype) -> None:
-    if compute_dtype not in LoRALinear.COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be None (the adapter's fp32) or 'base' (the base layer's output "
-                         f"dtype, autocast-style); got {compute_dtype!r}")
-
-
 def set_compute_dtype(model: nn.Module, compute_dtype: str | None) -> nn.Module:
-    """Sets every LoRA layer's compute_dtype (None: fp32 | "base": the base output's dtype); returns model."""
-    _check_compute_dtype(compute_dtype)
+    """Sets every LoRA layer's compute_dtype (None/"fp32" | "base": the base output's dtype); returns model."""
+    check_compute_dtype(compute_dtype)
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.compute_dtype = compute_dtype

@@ -98,6 +98,15 @@ class CheapDropout(nn.Dropout):
         return torch.where(keep, x, 0.0) * (65536 / (65536 - cut))
 
 
+COMPUTE_DTYPES = (None, "fp32", "base")   # None / "fp32": adapter math in fp32; "base": in the base output's dtype
+
+
+def check_compute_dtype(compute_dtype) -> None:
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be None or 'fp32' (the adapter's fp32) or 'base' (the base layer's "
+                         f"output dtype, autocast-style); got {compute_dtype!r}")
+
+
 def _device_of(module: nn.Module) -> torch.device:
     t = next(itertools.chain(module.parameters(), module.buffers()), None)
     return t.device if t is not None else torch.device("cpu")
@@ -105,8 +114,6 @@ def _device_of(module: nn.Module) -> torch.device:
 
 class LoRALinear(nn.Module):
     """`y = base_layer(x) + scaling * lora_B(lora_A(lora_dropout(x)))`; see the module docstring."""
-
-    COMPUTE_DTYPES = (None, "base")
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  compute_dtype: str | None = None):
@@ -117,9 +124,7 @@ class LoRALinear(nn.Module):
         if not (isinstance(r, int) and r > 0 and alpha > 0 and 0 <= dropout < 1):
             raise ValueError(f"need r > 0 (int), alpha > 0, 0 <= dropout < 1; got r={r!r}, alpha={alpha!r}, "
                              f"dropout={dropout!r}")
-        if compute_dtype not in self.COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be None (the adapter's fp32) or 'base' (the base layer's output "
-                             f"dtype, autocast-style); got {compute_dtype!r}")
+        check_compute_dtype(compute_dtype)
         self.base_layer = base.requires_grad_(False)             # frozen: only A and B train
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
@@ -129,7 +134,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.reset_lora_parameters()
-        self.compute_dtype = compute_dtype   # None: adapter math in fp32 | "base": in the base output's dtype
+        self.compute_dtype = compute_dtype   # None / "fp32": adapter math in fp32 | "base": in the base dtype
         self.merged = False     # True while ΔW is folded into base_layer.weight
         self.disabled = False   # True: forward is base_layer(x) alone
 
@@ -198,5 +203,4 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, compute_dtype={self.compute_dtype}, "
-                f"merged={self.merged}, "
-                f"disabled={self.disabled}")
+                f"merged={self.merged}, disabled={self.disabled}")

@@ -44,7 +44,7 @@ import quant
 from .loop import TrainConfig, fit
 from .metrics import exact_match, squad_metrics, token_f1
 from .models import load_model
-from .recipe import adapter_compute_dtype, pick_dtype
+from .recipe import pick_dtype
 from .report import _atomic_write_text, write_report
 from .task import GenerationTask
 
@@ -249,7 +249,7 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
     quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
                    compute_dtype=dtype, backend=recipe.backend)
     lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets,
-                compute_dtype=adapter_compute_dtype(recipe.adapter_compute))
+                compute_dtype=recipe.adapter_compute)
     counts = lora.trainable_parameters(model)
     _say(f"trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
     result, packed, unpacked = train(recipe, model, task, fit_rows)
