@@ -204,3 +204,13 @@ def test_base_compute_dtype_on_an_fp32_base_is_the_fp32_path():
 def test_compute_dtype_is_checked():
     with pytest.raises(ValueError, match="compute_dtype"):
         LoRALinear(nn.Linear(4, 4), r=2, alpha=4, compute_dtype="bf16")
+
+
+def test_fp32_compute_dtype_is_the_default_fp32_path():
+    layer = make_layer(16, 24, torch.bfloat16, r=4)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    expected = layer(x)                                               # compute_dtype=None
+    layer.compute_dtype = "fp32"
+    assert torch.equal(layer(x), expected)
+    layer.compute_dtype = "base"
+    assert not torch.equal(layer(x), expected), "the bf16 path rounds differently: the check above can fail"
