@@ -8,8 +8,13 @@ Both sides, per step: forward + loss, backward, clip the adapters' gradient norm
            dtype from fp32 weights, as the recipes run them) -> train.enable_gradient_checkpointing (every
            decoder block, non-reentrant)
     ours_fp32   the same with lora.inject(compute_dtype=None): the adapter math in fp32, as PEFT does it
+    ours_lean   ours, then train.lean_cpu_allocator() before the steps (an opt-in: glibc's mmap threshold
+           pinned at 256 KiB, so freed activations go back to the OS at once; train/memory.py): less memory,
+           more time (every activation above 256 KiB is a fresh mmap, page faults included)
     peer   transformers BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype) -> bnb.nn.Linear4bit
            -> model.gradient_checkpointing_enable(use_reentrant=False) -> peft.get_peft_model(LoraConfig)
+    peer_lean   the peer with the same allocator setting at the same point: what the setting alone does to the
+           other library
 
 Same on both sides: the fp32 checkpoint (load_model's cache folder), the compute dtype (the backbone is loaded in
 it; LoRA weights are fp32 on both sides, PEFT's autocast_adapter_dtype), r, alpha, dropout, all linear layers but
@@ -57,7 +62,8 @@ from common import (environment, max_rss_bytes, pick_device, print_table, reset_
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LABEL_WORDS = ("negative", "positive")
-SIDES = ("peer", "ours", "ours_fp32")
+SIDES = ("peer", "ours", "ours_fp32", "ours_lean", "peer_lean")
+LEAN = ("ours_lean", "peer_lean")   # the sides that call train.lean_cpu_allocator() before the steps
 GB = 1e9
 COLUMNS = [("dtype", "dtype", "{}"), ("loss", "loss", "{}"), ("side", "side", "{}"),
            ("setup_s", "setup s", "{:.1f}"), ("step_s", "step s (median)", "{:.3f}"),
@@ -155,10 +161,13 @@ def child(args):
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    if args.child == "peer":
+    if args.child.startswith("peer"):
         model, tokenizer, info = build_peer(args, dtype, device)
     else:
-        model, tokenizer, info = build_ours(args, dtype, device, None if args.child == "ours_fp32" else "base")
+        model, tokenizer, info = build_ours(args, dtype, device, "fp32" if args.child == "ours_fp32" else "base")
+    if args.child in LEAN and device.type == "cpu":
+        from train import lean_cpu_allocator
+        info["lean_allocator"] = lean_cpu_allocator()
     setup_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
@@ -228,7 +237,7 @@ def child_args(args, dtype, loss, side):
            "--dropout", args.dropout, "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads]
     if args.device:
         out += ["--device", args.device]
-    if args.profile and side != "peer":
+    if args.profile and not side.startswith("peer"):
         out.append("--profile")
     return out
 
@@ -278,6 +287,10 @@ def parent(args):
     if head is None:
         return
     mem = "CUDA max allocated" if head["cuda_peak_gb"] is not None else "peak RSS"
+    lean = next((r for r in rows if r["side"] == "ours_lean" and "time_vs_peer" in r), None)
+    if lean is not None:
+        print(f"\nopt-in train.lean_cpu_allocator() (ours_lean vs peer): time_ratio={lean['time_vs_peer']:.3f} "
+              f"mem_ratio={lean['mem_vs_peer']:.3f}")
     print(f"\nheadline ({head['dtype']}, {head['loss']} loss; memory = {mem}; "
           f"goal time <= 0.8, memory <= 0.5):")
     print(f"time_ratio={head['time_vs_peer']:.3f} mem_ratio={head['mem_vs_peer']:.3f}")

@@ -8,7 +8,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from train.memory import lean_cpu_allocator  # noqa: E402
 from train.recipe import ClassificationRecipe  # noqa: E402
+
+
+class _LeanMemory(argparse.Action):
+    """--lean-memory: train.lean_cpu_allocator() as soon as the flag is parsed (it acts process-wide)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, lean_cpu_allocator())
+        if not namespace.lean_memory:
+            print("--lean-memory: not applied (not glibc, or MALLOC_MMAP_THRESHOLD_ is already set)", flush=True)
 
 
 def parser(description: str, *, train_limit: int, out_name: str) -> argparse.ArgumentParser:
@@ -35,6 +45,9 @@ def parser(description: str, *, train_limit: int, out_name: str) -> argparse.Arg
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--few-shot", type=int, default=0, help="k for a k-shot baseline row (0: none)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--lean-memory", action=_LeanMemory, nargs=0, default=False,
+                   help="freed CPU tensors go straight back to the OS: lower peak RSS, slower steps "
+                        "(train/memory.py has the measured trade)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--export-merged", default=None, help="write a merged plain HF checkpoint here")
     p.add_argument("--seed", type=int, default=0)
@@ -42,6 +55,7 @@ def parser(description: str, *, train_limit: int, out_name: str) -> argparse.Arg
 
 
 def recipe_from_args(args: argparse.Namespace, **task) -> ClassificationRecipe:
+    task["extra"] = {**task.get("extra", {}), "lean_memory": args.lean_memory}   # recorded in metrics.json
     return ClassificationRecipe(
         out_dir=args.out, model=args.model, r=args.r, alpha=args.alpha, dropout=args.dropout,
         targets=args.targets, adapter_compute=args.adapter_compute, backend=args.backend, dtype=args.dtype,

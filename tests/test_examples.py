@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from train import models
+from train import memory, models
 from train.data import LABELS, LANGUAGES, load_split
 from train.recipe import build_task, few_shot_task, group_markdown, group_metrics
 
@@ -188,9 +188,11 @@ def test_imdb_data_is_balanced_and_long_reviews_keep_head_and_tail():
 def test_imdb_smoke_run(tmp_path):
     need_dataset("imdb")
     need_model("smollm2-135m")
-    run_script("imdb.py", tmp_path, "--eval-batch-size", "8")
+    run_script("imdb.py", tmp_path, "--eval-batch-size", "8", "--lean-memory")   # + the opt-in allocator
     metrics = check_report(tmp_path)
     assert metrics["config"]["keep"] == "head+tail" and metrics["test"]["texts_truncated"] >= 0
+    applies = memory._glibc() is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    assert metrics["config"]["extra"]["lean_memory"] is applies
 
 
 # ----------------------------------------------------------------------------------------------------------

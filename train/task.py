@@ -460,7 +460,8 @@ class GenerationTask:
         """Right-padded batch; packed sequences get position_ids and the (B, 1, T, T) block mask."""
         enc = [ex if "labels" in ex else self.encode(ex) for ex in examples]
         batch = {"input_ids": _pad_right([e["input_ids"] for e in enc], self.tokenizer.pad_token_id),  # (B, T)
-                 "labels": _pad_right([e["labels"] for e in enc], IGNORE)}
+                 "labels": _pad_right([e["labels"] for e in enc], IGNORE),
+                 "n_tokens": sum(len(e["input_ids"]) for e in enc)}      # input tokens, padding excluded
         if not any("segment_ids" in e for e in enc):
             batch["attention_mask"] = _pad_right([[1] * len(e["input_ids"]) for e in enc], 0)
             return batch
@@ -480,7 +481,7 @@ class GenerationTask:
         mask = targets != IGNORE
         h_sel = h[:, :-1][mask]                                                    # (N, d)   ... from state t
         logits = softcap(model.get_output_embeddings()(h_sel).float(), model)      # (N, V)
-        return F.cross_entropy(logits, targets[mask]), {"n_tokens": int(mask.sum())}
+        return F.cross_entropy(logits, targets[mask]), {"n_tokens": batch["n_tokens"]}   # input tokens, as elsewhere
 
     @torch.no_grad()
     def generate(self, model: nn.Module, examples: Sequence[dict], max_new_tokens: int = 24,
