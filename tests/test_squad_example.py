@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from train.data import find_dataset, load_split, read_squad
-from train.qa_recipe import hold_out_articles, pack_training_set, proportional_sample, tune_threshold
+from train.qa_recipe import (abstain_diagnostics, hold_out_articles, pack_training_set, proportional_sample,
+                             tune_threshold)
 from train.task import IGNORE, GenerationTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +184,23 @@ def test_threshold_abstains_where_it_pays():
     assert max(margins[2:]) < tuned["threshold"] < min(margins[:2])
 
 
+def test_diagnostics_separate_the_answer_from_the_abstain_decision():
+    # answerable: one span right ("x"), one wrong ("z" for "w"); unanswerable: two, the margins ranked so that
+    # by answer the detector is perfect and by first token it is exactly backwards
+    rows = [{"answers": ["x", "x y"], "is_impossible": False}, {"answers": ["w"], "is_impossible": False},
+            {"answers": [], "is_impossible": True}, {"answers": [], "is_impossible": True}]
+    scored = [{"answer": "x", "logp_abstain": -5.0, "logp_answer": -1.0, "logp_first": -9.0},
+              {"answer": "z", "logp_abstain": -4.0, "logp_answer": -1.0, "logp_first": -8.0},
+              {"answer": "q", "logp_abstain": -1.0, "logp_answer": -2.0, "logp_first": -0.5},
+              {"answer": "q", "logp_abstain": -1.0, "logp_answer": -3.0, "logp_first": -0.1}]
+    d = abstain_diagnostics(scored, rows)
+    assert d["span_exact"] == 50.0
+    assert d["span_f1"] == 50.0
+    assert d["abstain_auc"] == {"answer": 1.0, "first": 0.0}
+    # the best rule: answer the first (right), abstain on the rest -> 3 of 4
+    assert d["oracle"]["exact"] == 75.0 and d["oracle"]["by"] == "answer"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the script, end to end
 
@@ -198,6 +216,7 @@ def test_smoke_run_writes_every_output(tmp_path, smol_tok, rows):
         assert metrics[row]["n"] == 16
     assert metrics["always_abstain"]["exact"] == 100 * metrics["always_abstain"]["n_no_ans"] / 16
     assert metrics["run_time_s"] > 0 and metrics["config"]["n_test"] == 16
+    assert {"span_exact", "span_f1", "abstain_auc", "oracle"} <= set(metrics["diagnostics"])
     header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
     assert header[:6] == ["id", "question", "gold_answers", "is_impossible", "zero_shot_pred", "fine_tuned_pred"]
     assert "article" in (out / "results.md").read_text()

@@ -211,6 +211,33 @@ def tune_threshold(scored: Sequence[dict], rows: Sequence[dict]) -> dict:
     return best
 
 
+def abstain_diagnostics(scored: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """Where the errors are: the answer and the abstain decision, each on its own, on `rows` (the test sample).
+
+    span_exact / span_f1   the span (decoded with the abstain token masked) on the ANSWERABLE questions, as if
+                           the model never abstained: how good the answers are
+    abstain_auc            ROC AUC of each margin (log p(abstain) - log p(span or first token)) as a detector of
+                           the unanswerable questions: how good the abstain decision can be (0.5 = chance)
+    oracle                 tune_threshold on these very rows: the best EM any threshold reaches here, an upper
+                           bound for reading the results, never a result (the recipe's threshold comes from
+                           the calibration articles)
+    """
+    from sklearn.metrics import roc_auc_score   # lazily, as in train.metrics (scipy + pandas: ~146 MB of RSS)
+
+    answerable = [(s, r) for s, r in zip(scored, rows) if not r["is_impossible"]]
+    gold = [[a for a in r["answers"] if a.strip()] for _, r in answerable]
+    em = [max(exact_match(s["answer"], a) for a in g) for (s, _), g in zip(answerable, gold)]
+    f1 = [max(token_f1(s["answer"], a) for a in g) for (s, _), g in zip(answerable, gold)]
+    impossible = [r["is_impossible"] for r in rows]
+    auc = {}
+    for by in ("answer", "first"):
+        margin = [s["logp_abstain"] - s[f"logp_{by}"] for s in scored]
+        auc[by] = float(roc_auc_score(impossible, margin)) if 0 < sum(impossible) < len(rows) else None
+    return {"span_exact": 100 * float(np.mean(em)) if em else None,
+            "span_f1": 100 * float(np.mean(f1)) if f1 else None,
+            "abstain_auc": auc, "oracle": tune_threshold(scored, rows)}
+
+
 def qa_metrics(predictions: Sequence[str], rows: Sequence[dict], seconds: float | None = None) -> dict:
     """squad_metrics plus the abstention rate and the evaluation time."""
     m = squad_metrics({r["id"]: p for r, p in zip(rows, predictions)}, rows)
@@ -264,6 +291,7 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
     fine_tuned = [task.decide(s, threshold, tuned["by"]) for s in scored["fine_tuned"]]
     greedy = [task.decide(s) for s in scored["fine_tuned"]]
 
+    diagnostics = abstain_diagnostics(scored["fine_tuned"], test_rows)
     rows = {"zero_shot": qa_metrics(zero_shot, test_rows, seconds["zero_shot"]),
             "fine_tuned": qa_metrics(fine_tuned, test_rows, seconds["fine_tuned"]),
             "fine_tuned_greedy": qa_metrics(greedy, test_rows),
@@ -289,6 +317,7 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
         "abstain": {"mode": recipe.abstain, **tuned, "calibration_greedy_exact":
                     _greedy_em(task, scored["calibration"], calib_rows),
                     "calibration_seconds": seconds["calibration"]},
+        "diagnostics": diagnostics,
         "trainable_parameters": counts,
         "memory": quant.memory_report(model),
         "new_examples": examples,
@@ -390,6 +419,7 @@ def results_markdown(rows: dict, summary: dict, elapsed: float) -> str:
               f"({', '.join(data['calibration_articles'])}; EM there {ab['exact']:.2f}, greedy "
               f"{ab['calibration_greedy_exact']:.2f}); fine-tuned-greedy abstains iff the abstain token is the "
               "argmax.", "",
+              _diagnostics_markdown(summary["diagnostics"], data["test_answerable"]), "",
               f"Training: {data['train_questions']} questions of {data['train_articles']} articles, packed into "
               f"{data['packed_sequences']} sequences ({data['train_tokens']:,} tokens), {train['steps']} steps in "
               f"{train['seconds']:.0f} s ({train['input_tokens_per_s']:.0f} tokens/s), final loss "
@@ -398,6 +428,17 @@ def results_markdown(rows: dict, summary: dict, elapsed: float) -> str:
               f"{ab['calibration_seconds']:.0f} s, fine-tuned {rows['fine_tuned'].get('eval_seconds', 0):.0f} s. "
               f"Run time: {elapsed:.0f} s ({elapsed / 60:.1f} min).", ""]
     return "\n".join(lines)
+
+
+def _diagnostics_markdown(d: dict, n_answerable: int) -> str:
+    if d["span_exact"] is None:
+        return "Diagnostics: no answerable question in the test sample."
+    auc = ", ".join(f"{v:.3f} by {k}" for k, v in d["abstain_auc"].items() if v is not None) or "–"
+    return (f"Diagnostics (fine-tuned, test sample): the span it would give is right on {d['span_exact']:.1f}% of "
+            f"the {n_answerable} answerable questions (F1 {d['span_f1']:.1f}) if it never abstained; its abstain "
+            f"margin tells unanswerable from answerable at ROC AUC {auc} (0.5 = chance); the best threshold "
+            f"chosen on the test sample itself would give EM {d['oracle']['exact']:.2f} (an upper bound, not a "
+            "result).")
 
 
 # ----------------------------------------------------------------------------------------------------------
