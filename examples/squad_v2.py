@@ -32,7 +32,8 @@ def main() -> None:
     p.add_argument("--max-turns", type=int, default=16, help="questions packed after one context")
     p.add_argument("--abstain", default="calibrated", choices=["calibrated", "greedy"])
     p.add_argument("--train-minutes", type=float, default=18.0,
-                   help="stop training after this long (a guard: one epoch takes ~11 min on an idle CPU)")
+                   help="stop training after this long (a guard: one epoch took 11 min on one idle 2-core CPU, "
+                        "would take ~23 on another; results.md says when the guard stopped it)")
     p.add_argument("--test-fraction", type=float, default=0.3, help="share of the articles on the test side")
     args = p.parse_args()
     if args.few_shot or args.export_merged:

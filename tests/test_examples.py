@@ -169,7 +169,7 @@ def test_predict_cli_prints_a_label_per_text(sst2_run):
 def test_imdb_data_is_balanced_and_long_reviews_keep_head_and_tail():
     need_dataset("imdb")
     imdb = example("imdb")
-    args = imdb.get_parser().parse_args(["--limit", "8", "--out", "unused"])
+    args = imdb.get_parser().parse_args(["--limit", "8", "--out", "unused", "--eval-max-length", "384"])
     train_rows, test_rows = imdb.load_data(args)
     assert [r["label"] for r in train_rows].count(0) == 4 and [r["label"] for r in test_rows].count(1) == 4
     fixed = {r["text"] for r in load_split("imdb", "test")}
@@ -183,14 +183,37 @@ def test_imdb_data_is_balanced_and_long_reviews_keep_head_and_tail():
     prompt = task.prompt(review)
     assert " ".join(words[:3]) in prompt and " ".join(words[-3:]) in prompt
     assert prompt.count(imdb.INSTRUCTION) == 1
+    eval_task = build_task(imdb.make_recipe(args), tokenizer(), evaluation=True)   # reads more of each review
+    longer = review + " " + review                                          # > 2 x 256 tokens
+    with pytest.warns(UserWarning, match="cut"):
+        short_ids, long_ids = task.encode(longer), eval_task.encode(longer)
+    assert len(long_ids) == 384 and eval_task.prefix_ids == task.prefix_ids
+    same = len(task.prefix_ids) + task.budget // 4                          # the prompt up to the review's head
+    assert long_ids[:same] == short_ids[:same] and long_ids[-20:] == short_ids[-20:]   # ... and the same tail
 
 
 def test_imdb_smoke_run(tmp_path):
     need_dataset("imdb")
     need_model("smollm2-135m")
-    run_script("imdb.py", tmp_path, "--eval-batch-size", "8", "--lean-memory")   # + the opt-in allocator
+    run_script("imdb.py", tmp_path, "--eval-batch-size", "8", "--lean-memory",    # + the opt-in allocator
+               "--max-length", "96", "--eval-max-length", "128")
     metrics = check_report(tmp_path)
-    assert metrics["config"]["keep"] == "head+tail" and metrics["test"]["texts_truncated"] >= 0
+    assert metrics["config"]["keep"] == "head+tail" and metrics["test"]["max_length"] == 128
+    assert 0 < metrics["test"]["texts_truncated"] <= metrics["test"]["examples"]   # most reviews exceed 128
+    assert metrics["train"]["texts_truncated"] > 0
+    from train.predict import load_classifier
+
+    _, task, _ = load_classifier(tmp_path / "adapter", dtype="fp32")    # inference cuts reviews as evaluation did
+    assert (task.max_length, task.keep) == (128, "head+tail")
+    lengths = tmp_path / "lengths"                          # the same adapter scored at two test prompt lengths
+    run_script("imdb.py", lengths, "--eval-adapter", str(tmp_path / "adapter"), "--eval-lengths", "64", "128",
+               "--eval-batch-size", "8")
+    results = json.loads((lengths / "eval_lengths.json").read_text())["results"]
+    assert [r["max_length"] for r in results] == [64, 128] and all(r["n"] == 16 for r in results)
+    assert results[0]["texts_truncated"] >= results[1]["texts_truncated"] > 0
+    # at the run's own test length it reproduces the run's fine-tuned row (same adapter, prompts and math)
+    assert results[1]["accuracy"] == metrics["fine_tuned"]["accuracy"]
+    assert abs(results[1]["roc_auc"] - metrics["fine_tuned"]["roc_auc"]) < 1e-6
     applies = memory._glibc() is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ
     assert metrics["config"]["extra"]["lean_memory"] is applies
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from train.data import find_dataset, load_split, read_squad
-from train.qa_recipe import (abstain_diagnostics, hold_out_articles, pack_training_set, proportional_sample,
-                             tune_threshold)
+from train.qa_recipe import (_steps_done, _with_deadline, abstain_diagnostics, hold_out_articles, pack_training_set,
+                             proportional_sample, tune_threshold)
 from train.task import IGNORE, GenerationTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _late_answer_rows(task, rows, n=3):
 
 
 def _answer_text(smol_tok, enc):
-    return smol_tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE])
+    return smol_tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def test_cut_context_keeps_the_answer_and_the_question(task, smol_tok, rows):
         with pytest.warns(UserWarning, match="context was cut"):
             task.n_truncated = 0
             enc = task.encode(r)
-        prompt = smol_tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l == IGNORE])
+        prompt = smol_tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab == IGNORE])
         assert len(enc["input_ids"]) <= task.max_length
         assert task.target(r) in prompt, "the answer fell out of the training prompt"
         assert prompt.endswith(f"Question: {r['question'].strip()}<|im_end|>\n<|im_start|>assistant\n")
@@ -105,8 +105,8 @@ def test_packing_keeps_every_question_with_its_answer_in_the_context(smol_tok, r
         assert shared <= task.max_length and max(p["position_ids"]) < task.max_length + 40
         text = smol_tok.decode(p["input_ids"][:shared])
         for k in range(1, p["n_questions"] + 1):
-            answer = smol_tok.decode([t for t, l, s in zip(p["input_ids"], p["labels"], p["segment_ids"])
-                                 if s == k and l != IGNORE])
+            answer = smol_tok.decode([t for t, lab, s in zip(p["input_ids"], p["labels"], p["segment_ids"])
+                                 if s == k and lab != IGNORE])
             assert answer.endswith("<|im_end|>")
             assert answer == "unanswerable<|im_end|>" or answer.removesuffix("<|im_end|>") in text
 
@@ -224,3 +224,19 @@ def test_smoke_run_writes_every_output(tmp_path, smol_tok, rows):
               "adapter/qa_task.json"):
         assert (out / f).is_file(), f
     assert "Q: Who designed the Eiffel Tower?" in proc.stdout
+
+
+def test_train_minutes_guard_interrupts_and_the_report_says_so():
+    calls = []
+    timed = _with_deadline(lambda model, batch: calls.append(batch) or 1.0, minutes=1e-9)
+    assert timed(None, "first") == 1.0                       # the first call starts the clock
+    with pytest.raises(KeyboardInterrupt):
+        while True:
+            timed(None, "later")
+    assert timed.deadline_reached and calls[0] == "first"
+    assert _with_deadline(len, None) is len                  # no guard: the loss itself
+    assert _steps_done({"steps": 160, "planned_steps": 209, "stopped": "train_minutes"}) == \
+        "160 of 209 steps (stopped by the train_minutes guard)"
+    assert _steps_done({"steps": 3, "planned_steps": 8, "stopped": "interrupted"}) == "3 of 8 steps (interrupted)"
+    assert _steps_done({"steps": 209, "planned_steps": 209, "stopped": None}) == "209 steps"
+    assert _steps_done({"steps": 2, "planned_steps": 2, "stopped": "max_steps"}) == "2 steps"

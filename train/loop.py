@@ -125,6 +125,7 @@ class FitResult:
     tokens_per_s: float = 0.0               # this call's training throughput (stats["n_tokens"], all ranks)
     stopped: str | None = None              # None (all epochs done) | "max_steps" | "nan" | "interrupted"
     checkpoint_dir: str | None = None       # the latest valid checkpoint
+    total_steps: int = 0                    # the steps the run was planned for (epochs or max_steps)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -305,7 +306,7 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
                      history=log.train_rows(), eval_history=log.eval_rows(),
                      elapsed_s=elapsed0 + time.perf_counter() - t_start,
                      tokens_per_s=session_tokens / max(train_time, 1e-9), stopped=stopped,
-                     checkpoint_dir=str(ckpt) if ckpt else None)
+                     checkpoint_dir=str(ckpt) if ckpt else None, total_steps=total_steps)
 
 
 def _mean_over_step(loss_sum: torch.Tensor, stat_sums: dict, accum: int, device) -> tuple[float, dict]:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Sequence
 
 import lora
 import quant
 
+from .metrics import classification_metrics
 from .models import load_model
 from .recipe import pick_dtype
 from .task import ClassificationTask
@@ -34,8 +37,29 @@ def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: 
     lora.load(model, adapter_dir)
     model.eval()
     task = ClassificationTask(tokenizer, meta["label_words"], instruction=meta["instruction"],
-                              system=meta.get("system"), max_length=meta.get("max_length", 256))
+                              system=meta.get("system"), max_length=meta.get("max_length", 256),
+                              keep=meta.get("keep", "head"))
     return model, task, meta["label_names"]
+
+
+def evaluate_lengths(adapter_dir: str | Path, rows: Sequence[dict], lengths: Sequence[int], *,
+                     batch_size: int = 32, dtype: str = "auto") -> list[dict]:
+    """One saved adapter scored on labelled rows ({"text", "label"}) with the prompt cut to each of `lengths`
+    tokens (the adapter's own `keep`): what reading more or less of each text is worth, the weights fixed.
+    The adapter math runs in the backbone's dtype, as the recipe evaluates. One dict of metrics per length."""
+    model, task, label_names = load_classifier(adapter_dir, dtype=dtype)
+    lora.set_compute_dtype(model, "base")
+    out = []
+    for n in lengths:
+        t0 = time.perf_counter()
+        cut_task = ClassificationTask(task.tokenizer, task.label_words, instruction=task.instruction,
+                                      system=task.system, max_length=n, keep=task.keep)
+        probs = cut_task.predict_proba(model, [r["text"] for r in rows], batch_size=batch_size)
+        m = classification_metrics([int(r["label"]) for r in rows], probs, label_names)
+        out.append({"max_length": n, "accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
+                    "roc_auc": m["roc_auc"], "n": m["n"], "texts_truncated": cut_task.n_truncated,
+                    "seconds": round(time.perf_counter() - t0, 1)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -311,7 +311,7 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
                  "calibration_questions": len(calib_rows), "train_questions": len(fit_rows),
                  "train_articles": len({r["title"] for r in fit_rows}), "packed_sequences": len(packed),
                  "train_tokens": n_tokens, "unpacked_tokens": unpacked, "test_contexts_cut": test_cut},
-        "train": {"steps": result.steps, "seconds": round(result.elapsed_s, 1),
+        "train": {"steps": result.steps, "planned_steps": result.total_steps, "seconds": round(result.elapsed_s, 1),
                   "input_tokens_per_s": round(n_tokens * result.epochs / max(result.elapsed_s, 1e-9), 1),
                   "final_loss": result.final_loss, "stopped": result.stopped},
         "abstain": {"mode": recipe.abstain, **tuned, "calibration_greedy_exact":
@@ -352,8 +352,11 @@ def train(recipe: QARecipe, model, task: GenerationTask, rows: Sequence[dict]):
                          batch_size=min(recipe.batch_size, len(packed)), grad_accum=recipe.grad_accum,
                          lr=recipe.lr, warmup_ratio=recipe.warmup_ratio,
                          grad_checkpointing=recipe.grad_checkpointing, seed=recipe.seed, resume=recipe.resume)
-    result = fit(model, packed, config, loss_fn=_with_deadline(task.loss, recipe.train_minutes),
-                 collate_fn=task.collate, length_fn=lambda ex: len(ex["input_ids"]))
+    loss_fn = _with_deadline(task.loss, recipe.train_minutes)
+    result = fit(model, packed, config, loss_fn=loss_fn, collate_fn=task.collate,
+                 length_fn=lambda ex: len(ex["input_ids"]))
+    if result.stopped == "interrupted" and getattr(loss_fn, "deadline_reached", False):
+        result.stopped = "train_minutes"
     model.eval()
     return result, packed, unpacked
 
@@ -373,6 +376,7 @@ def _with_deadline(loss_fn, minutes: float | None):
         deadline = deadline or time.perf_counter() + 60 * minutes
         if time.perf_counter() > deadline:
             _say(f"train_minutes={minutes} reached: stopping training here")
+            timed.deadline_reached = True
             raise KeyboardInterrupt
         return loss_fn(model, batch)
     return timed
@@ -421,13 +425,22 @@ def results_markdown(rows: dict, summary: dict, elapsed: float) -> str:
               "argmax.", "",
               _diagnostics_markdown(summary["diagnostics"], data["test_answerable"]), "",
               f"Training: {data['train_questions']} questions of {data['train_articles']} articles, packed into "
-              f"{data['packed_sequences']} sequences ({data['train_tokens']:,} tokens), {train['steps']} steps in "
+              f"{data['packed_sequences']} sequences ({data['train_tokens']:,} tokens), {_steps_done(train)} in "
               f"{train['seconds']:.0f} s ({train['input_tokens_per_s']:.0f} tokens/s), final loss "
               f"{train['final_loss'] if train['final_loss'] is None else round(train['final_loss'], 4)}.",
               f"Evaluation: zero-shot {rows['zero_shot'].get('eval_seconds', 0):.0f} s, calibration "
               f"{ab['calibration_seconds']:.0f} s, fine-tuned {rows['fine_tuned'].get('eval_seconds', 0):.0f} s. "
               f"Run time: {elapsed:.0f} s ({elapsed / 60:.1f} min).", ""]
     return "\n".join(lines)
+
+
+def _steps_done(train: dict) -> str:
+    """'N steps', or 'N of M steps (why)' when training stopped before the M it was planned for."""
+    done, planned, stopped = train["steps"], train.get("planned_steps"), train.get("stopped")
+    if stopped is None or not planned or done >= planned:
+        return f"{done} steps"
+    why = {"train_minutes": "stopped by the train_minutes guard", "nan": "stopped at a NaN loss"}.get(stopped, stopped)
+    return f"{done} of {planned} steps ({why})"
 
 
 def _diagnostics_markdown(d: dict, n_answerable: int) -> str:

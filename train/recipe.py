@@ -46,6 +46,8 @@ class ClassificationRecipe:
     system: str | None = "You are a sentiment classifier."   # short: prompt tokens cost CPU time
     label_words: Sequence[str] = ("negative", "positive")
     max_length: int = 256                         # prompt tokens; the text part is truncated beyond it
+    eval_max_length: int | None = None            # prompt tokens when evaluating and predicting (every row:
+                                                  # zero-shot, k-shot, fine-tuned); None: max_length
     keep: str = "head"                            # what a long text keeps: "head" | "head+tail" (see task.py)
     few_shot: int = 0                             # k examples in the prompt for a k-shot baseline row
     shot_tokens: int = 128                        # each shot's text is cut to this many tokens (same `keep`)
@@ -179,15 +181,16 @@ def run_classification(
     model, tokenizer = load_model(recipe.model, dtype=dtype)
     model.eval()
 
-    task = build_task(recipe, tokenizer)
+    task = build_task(recipe, tokenizer)                                   # training prompts
+    eval_task = build_task(recipe, tokenizer, evaluation=True)             # held-out and new texts
     rows: dict[str, dict] = {}
     probs_by_row: dict[str, np.ndarray] = {}
-    rows["zero_shot"], probs_by_row["zero_shot"] = evaluate(task, model, test_rows, label_names,
+    rows["zero_shot"], probs_by_row["zero_shot"] = evaluate(eval_task, model, test_rows, label_names,
                                                             recipe.eval_batch_size, recipe.group_key)
     _say(f"zero-shot accuracy {rows['zero_shot']['accuracy']:.4f}")
     if recipe.few_shot > 0:
         name = f"few_shot_{recipe.few_shot}"
-        k_task = few_shot_task(recipe, tokenizer, train_rows, len(label_names), task.budget)
+        k_task = few_shot_task(recipe, tokenizer, train_rows, len(label_names), eval_task.budget)
         rows[name], probs_by_row[name] = evaluate(k_task, model, test_rows, label_names,
                                                   max(1, recipe.eval_batch_size // 4), recipe.group_key)
         _say(f"{recipe.few_shot}-shot accuracy {rows[name]['accuracy']:.4f}")
@@ -209,16 +212,18 @@ def run_classification(
                  length_fn=lambda ex: len(ex["input_ids"]))
 
     model.eval()
-    rows["fine_tuned"], probs_by_row["fine_tuned"] = evaluate(task, model, test_rows, label_names,
+    truncated_before = eval_task.n_truncated
+    rows["fine_tuned"], probs_by_row["fine_tuned"] = evaluate(eval_task, model, test_rows, label_names,
                                                               recipe.eval_batch_size, recipe.group_key)
     _say(f"fine-tuned accuracy {rows['fine_tuned']['accuracy']:.4f}")
+    test_truncated = eval_task.n_truncated - truncated_before
     if not is_main():
         return rows
     lora.save(model, out / "adapter", base_model_name_or_path=recipe.model)
     _write_task_meta(out / "adapter", recipe, label_names)
     examples = []
     if new_texts:
-        p = task.predict_proba(model, list(new_texts), batch_size=recipe.eval_batch_size)
+        p = eval_task.predict_proba(model, list(new_texts), batch_size=recipe.eval_batch_size)
         examples = [{"text": t, "label": label_names[int(i)], "p": round(float(pi.max()), 4)}
                     for t, i, pi in zip(new_texts, p.argmax(1), p)]
         for e in examples:
@@ -230,8 +235,9 @@ def run_classification(
     summary = {
         "train": {"examples": len(train_rows), "steps": result.steps, "seconds": round(result.elapsed_s, 1),
                   "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
-                  "stopped": result.stopped},
-        "test": {"examples": len(test_rows), "texts_truncated": task.n_truncated},
+                  "stopped": result.stopped, "texts_truncated": task.n_truncated},
+        "test": {"examples": len(test_rows), "texts_truncated": test_truncated,
+                 "max_length": eval_task.max_length},
         "trainable_parameters": counts,
         "memory": memory,
         "peak_rss_mb": peak_rss_mb(),
@@ -245,10 +251,13 @@ def run_classification(
     return json.loads((out / "metrics.json").read_text())
 
 
-def build_task(recipe: ClassificationRecipe, tokenizer) -> ClassificationTask:
-    """The zero-shot prompt + verbalizer the recipe trains and evaluates with."""
+def build_task(recipe: ClassificationRecipe, tokenizer, evaluation: bool = False) -> ClassificationTask:
+    """The zero-shot prompt + verbalizer the recipe trains with (evaluates with, at `eval_max_length`)."""
+    max_length = recipe.max_length
+    if evaluation and recipe.eval_max_length is not None:
+        max_length = recipe.eval_max_length
     return ClassificationTask(tokenizer, list(recipe.label_words), instruction=recipe.instruction,
-                              system=recipe.system, max_length=recipe.max_length, keep=recipe.keep)
+                              system=recipe.system, max_length=max_length, keep=recipe.keep)
 
 
 def few_shot_task(recipe: ClassificationRecipe, tokenizer, train_rows, n_classes: int,
@@ -298,7 +307,8 @@ def export_merged(model, tokenizer, path: str | os.PathLike) -> None:
 def _write_task_meta(adapter_dir: Path, recipe: ClassificationRecipe, label_names) -> None:
     """task.json beside the adapter: what train.predict needs to rebuild the same prompt."""
     meta = {"model": recipe.model, "label_names": list(label_names), "label_words": list(recipe.label_words),
-            "instruction": recipe.instruction, "system": recipe.system, "max_length": recipe.max_length,
+            "instruction": recipe.instruction, "system": recipe.system,
+            "max_length": recipe.eval_max_length or recipe.max_length,
             "keep": recipe.keep,
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}}
     tmp = adapter_dir / "task.json.tmp"

@@ -63,6 +63,7 @@ def test_loss_decreases_on_toy_task(tmp_path):
     first, last = losses(result)[:3], losses(result)[-3:]
     print(f"loss {sum(first) / 3:.3f} -> {sum(last) / 3:.3f}")
     assert result.steps == 16 and result.stopped is None and result.epochs == pytest.approx(2.0)
+    assert result.total_steps == 16
     assert sum(last) / 3 < sum(first) / 3 - 0.5
 
 
@@ -343,7 +344,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 
 def test_keyboard_interrupt_saves_checkpoint_and_plot(tmp_path):
     result, _ = run(tmp_path, loss=LossAt(3, "interrupt"), max_steps=8)
-    assert result.stopped == "interrupted" and result.steps == 3
+    assert result.stopped == "interrupted" and result.steps == 3 and result.total_steps == 8
     assert Path(result.checkpoint_dir).name == "checkpoint-000003"
     assert (tmp_path / "run" / "train_curves.png").is_file()
 
