@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -226,14 +227,20 @@ def test_smoke_run_writes_every_output(tmp_path, smol_tok, rows):
     assert "Q: Who designed the Eiffel Tower?" in proc.stdout
 
 
-def test_train_minutes_guard_interrupts_and_the_report_says_so():
+def test_train_minutes_guard_interrupts_and_the_report_says_so(monkeypatch):
+    import train.qa_recipe as qa_recipe
+
+    clock = [100.0]                                          # a fake clock: the test never depends on speed
+    monkeypatch.setattr(qa_recipe, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     calls = []
-    timed = _with_deadline(lambda model, batch: calls.append(batch) or 1.0, minutes=1e-9)
-    assert timed(None, "first") == 1.0                       # the first call starts the clock
+    timed = _with_deadline(lambda model, batch: calls.append(batch) or 1.0, minutes=1)
+    assert timed(None, "first") == 1.0                       # the first call starts the clock: deadline 160 s
+    clock[0] = 159.0
+    assert timed(None, "second") == 1.0 and not getattr(timed, "deadline_reached", False)
+    clock[0] = 160.5
     with pytest.raises(KeyboardInterrupt):
-        while True:
-            timed(None, "later")
-    assert timed.deadline_reached and calls[0] == "first"
+        timed(None, "third")
+    assert timed.deadline_reached and calls == ["first", "second"]
     assert _with_deadline(len, None) is len                  # no guard: the loss itself
     assert _steps_done({"steps": 160, "planned_steps": 209, "stopped": "train_minutes"}) == \
         "160 of 209 steps (stopped by the train_minutes guard)"
