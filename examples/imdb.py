@@ -26,6 +26,7 @@ from common import parser, recipe_from_args
 from train.data import LABELS, load_split
 from train.predict import evaluate_lengths
 from train.recipe import balanced_sample, run_classification
+from train.report import _atomic_write_text
 
 INSTRUCTION = "Is the sentiment of this movie review negative or positive?"
 NEW_TEXTS = [
@@ -71,7 +72,8 @@ def eval_lengths(args, test_rows) -> list[dict]:
     results = evaluate_lengths(args.eval_adapter, test_rows, args.eval_lengths, batch_size=args.eval_batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_lengths.json").write_text(json.dumps({"adapter": args.eval_adapter, "results": results}, indent=2))
+    _atomic_write_text(out / "eval_lengths.json", json.dumps({"adapter": args.eval_adapter, "results": results},
+                                                               indent=2))
     print("| test tokens | accuracy | macro F1 | AUC | reviews cut | seconds |\n|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['max_length']} | {r['accuracy']:.4f} | {r['f1_macro']:.4f} | {r['roc_auc']:.4f} | "

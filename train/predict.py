@@ -8,16 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 import lora
 import quant
 
-from .metrics import classification_metrics
 from .models import load_model
-from .recipe import pick_dtype
+from .recipe import evaluate, pick_dtype
 from .task import ClassificationTask
 
 TASK_FILE = "task.json"
@@ -51,14 +49,12 @@ def evaluate_lengths(adapter_dir: str | Path, rows: Sequence[dict], lengths: Seq
     lora.set_compute_dtype(model, "base")
     out = []
     for n in lengths:
-        t0 = time.perf_counter()
         cut_task = ClassificationTask(task.tokenizer, task.label_words, instruction=task.instruction,
                                       system=task.system, max_length=n, keep=task.keep)
-        probs = cut_task.predict_proba(model, [r["text"] for r in rows], batch_size=batch_size)
-        m = classification_metrics([int(r["label"]) for r in rows], probs, label_names)
+        m, _ = evaluate(cut_task, model, rows, label_names, batch_size)
         out.append({"max_length": n, "accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
                     "roc_auc": m["roc_auc"], "n": m["n"], "texts_truncated": cut_task.n_truncated,
-                    "seconds": round(time.perf_counter() - t0, 1)})
+                    "seconds": m["eval_seconds"]})
     return out
 
 
