@@ -74,10 +74,12 @@ def eval_lengths(args, test_rows) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out / "eval_lengths.json", json.dumps({"adapter": args.eval_adapter, "results": results},
                                                                indent=2))
-    print("| test tokens | accuracy | macro F1 | AUC | reviews cut | seconds |\n|---:|---:|---:|---:|---:|---:|")
+    print("| test tokens | accuracy | 95% CI | macro F1 | AUC | reviews cut | seconds |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['max_length']} | {r['accuracy']:.4f} | {r['f1_macro']:.4f} | {r['roc_auc']:.4f} | "
-              f"{r['texts_truncated']} | {r['seconds']} |")
+        lo, hi = r["accuracy_ci95"]
+        print(f"| {r['max_length']} | {r['accuracy']:.4f} | [{lo:.4f}, {hi:.4f}] | {r['f1_macro']:.4f} | "
+              f"{r['roc_auc']:.4f} | {r['texts_truncated']} | {r['seconds']} |")
     return results
 
 

@@ -6,6 +6,10 @@ trainable, fp32, no quantization, run in a child process so that its peak RSS is
 accuracy, trainable parameters, training time and peak RSS of the two side by side. The "zero-shot" row is
 the untrained head: an encoder has no prompt to answer, so it sits at chance (and there is no k-shot row).
 
+Defaults: one epoch over all 67,349 training phrases, LoRA at lr 1e-3 (full fine-tune: 1e-4). Measured with
+QLoRA on the Intel Xeon: 20,000 phrases at lr 5e-4 / 1e-3 / 2e-3 gave 0.858 / 0.864 / 0.843 dev accuracy in
+~2.4 min of training; all 67,349 at 1e-3 gave 0.881 in 7.7 min.
+
     python examples/sst2_encoder.py                        # QLoRA, then the full fine-tune: ~20 min, 2-core CPU
     python examples/sst2_encoder.py --no-compare           # QLoRA only
     python examples/sst2_encoder.py --full-finetune        # the full fine-tune only
@@ -29,14 +33,14 @@ NEW_TEXTS = [
 
 
 def get_parser():
-    p = parser(__doc__, train_limit=20000, out_name="sst2-encoder")
+    p = parser(__doc__, train_limit=67349, out_name="sst2-encoder")      # all of SST-2's training phrases
     p.add_argument("--full-finetune", action="store_true", help="train every weight (fp32, no NF4) instead")
     p.add_argument("--dense-base", action="store_true", help="LoRA on the dense encoder (no NF4)")
     p.add_argument("--no-compare", action="store_true", help="skip the full fine-tune comparison run")
     p.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the full fine-tune")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=128)
-    p.set_defaults(model="minilm-l6", lr=5e-4, batch_size=32, dtype="fp32", targets="query,key,value,dense")
+    p.set_defaults(model="minilm-l6", lr=1e-3, batch_size=32, dtype="fp32", targets="query,key,value,dense")
     return p
 
 

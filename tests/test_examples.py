@@ -73,6 +73,8 @@ def check_report(out: Path, n_test: int = 16, rows=("zero_shot", "fine_tuned"), 
     metrics = json.loads((out / "metrics.json").read_text())
     for row in rows:
         assert 0.0 <= metrics[row]["accuracy"] <= 1.0 and metrics[row]["n"] == n_test, row
+        lo, hi = metrics[row]["accuracy_ci95"]
+        assert 0.0 <= lo <= metrics[row]["accuracy"] <= hi <= 1.0 and hi - lo > 0.1, row   # 16 rows: a wide one
     with open(out / "predictions.csv", newline="") as f:
         preds = list(csv.DictReader(f))
     assert len(preds) == n_test
@@ -213,6 +215,7 @@ def test_imdb_smoke_run(tmp_path):
     assert results[0]["texts_truncated"] >= results[1]["texts_truncated"] > 0
     # at the run's own test length it reproduces the run's fine-tuned row (same adapter, prompts and math)
     assert results[1]["accuracy"] == metrics["fine_tuned"]["accuracy"]
+    assert results[1]["accuracy_ci95"] == metrics["fine_tuned"]["accuracy_ci95"]
     assert abs(results[1]["roc_auc"] - metrics["fine_tuned"]["roc_auc"]) < 1e-6
     applies = memory._glibc() is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ
     assert metrics["config"]["extra"]["lean_memory"] is applies

@@ -33,9 +33,8 @@ import lora
 import quant
 
 from .distributed import is_main
-from .loop import TrainConfig, fit
 from .models import load_model
-from .recipe import append_markdown, evaluate, peak_rss_mb, pick_dtype, _prediction_rows, _say
+from .recipe import append_markdown, evaluate, fit_classifier, peak_rss_mb, pick_dtype, _prediction_rows, _say
 from .report import write_report
 from .task import SequenceClassificationTask
 
@@ -64,7 +63,7 @@ class EncoderRecipe:
     max_steps: int | None = None
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 5e-4
+    lr: float = 1e-3                              # adapters; a full fine-tune wants ~1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     eval_batch_size: int = 128
@@ -113,13 +112,7 @@ def run_encoder(recipe: EncoderRecipe, train_rows: Sequence[dict], test_rows: Se
     counts = lora.trainable_parameters(model)
     _say(f"{recipe.mode}: trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
     rss_before = peak_rss_mb()
-    config = TrainConfig(out_dir=str(out), epochs=recipe.epochs, max_steps=recipe.max_steps,
-                         batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, lr=recipe.lr,
-                         weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup_ratio,
-                         seed=recipe.seed, resume=recipe.resume)
-    encoded = [{"input_ids": task.encode(r["text"]), "label": int(r["label"])} for r in train_rows]
-    result = fit(model, encoded, config, loss_fn=task.loss, collate_fn=task.collate,
-                 length_fn=lambda ex: len(ex["input_ids"]))
+    result = fit_classifier(model, task, train_rows, recipe)
     model.eval()
     rows["fine_tuned"], probs_by_row["fine_tuned"] = evaluate(task, model, test_rows, label_names,
                                                               recipe.eval_batch_size)

@@ -51,7 +51,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -112,6 +112,16 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1 or None, got {value}")
         _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+
+    @classmethod
+    def from_recipe(cls, recipe, **overrides) -> "TrainConfig":
+        """The config a recipe dataclass describes: every TrainConfig field the recipe also has, taken by
+        name (out_dir, epochs, lr, seed, ...), then `overrides`. The recipes' one way to build it."""
+        names = [f.name for f in fields(cls)]
+        kwargs = {n: getattr(recipe, n) for n in names if hasattr(recipe, n)}
+        unknown = set(overrides) - set(names)
+        _check(not unknown, f"not TrainConfig fields: {sorted(unknown)}")
+        return cls(**{**kwargs, **overrides})
 
 
 @dataclass

@@ -348,10 +348,7 @@ def train(recipe: QARecipe, model, task: GenerationTask, rows: Sequence[dict]):
     packed = pack_training_set(task, rows, recipe.max_turns, recipe.seed)
     _say(f"{len(rows)} training questions packed into {len(packed)} sequences: "
          f"{sum(len(p['input_ids']) for p in packed):,} tokens ({unpacked:,} one by one)")
-    config = TrainConfig(out_dir=recipe.out_dir, epochs=recipe.epochs, max_steps=recipe.max_steps,
-                         batch_size=min(recipe.batch_size, len(packed)), grad_accum=recipe.grad_accum,
-                         lr=recipe.lr, warmup_ratio=recipe.warmup_ratio,
-                         grad_checkpointing=recipe.grad_checkpointing, seed=recipe.seed, resume=recipe.resume)
+    config = TrainConfig.from_recipe(recipe, batch_size=min(recipe.batch_size, len(packed)))
     loss_fn = _with_deadline(task.loss, recipe.train_minutes)
     result = fit(model, packed, config, loss_fn=loss_fn, collate_fn=task.collate,
                  length_fn=lambda ex: len(ex["input_ids"]))

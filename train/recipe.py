@@ -31,7 +31,7 @@ import lora
 import quant
 
 from .distributed import is_main
-from .loop import TrainConfig, fit
+from .loop import FitResult, TrainConfig, fit
 from .metrics import classification_metrics
 from .models import load_model
 from .report import _atomic_write_text, write_report
@@ -203,13 +203,7 @@ def run_classification(
     memory = quant.memory_report(model)
     _say(f"trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
 
-    config = TrainConfig(out_dir=str(out), epochs=recipe.epochs, max_steps=recipe.max_steps,
-                         batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, lr=recipe.lr,
-                         warmup_ratio=recipe.warmup_ratio, grad_checkpointing=recipe.grad_checkpointing,
-                         seed=recipe.seed, resume=recipe.resume)
-    encoded = [{"input_ids": task.encode(r["text"]), "label": int(r["label"])} for r in train_rows]
-    result = fit(model, encoded, config, loss_fn=task.loss, collate_fn=task.collate,
-                 length_fn=lambda ex: len(ex["input_ids"]))
+    result = fit_classifier(model, task, train_rows, recipe)
 
     model.eval()
     truncated_before = eval_task.n_truncated
@@ -249,6 +243,13 @@ def run_classification(
     if recipe.group_key is not None:
         append_markdown(out, group_markdown(rows, recipe.group_key))
     return json.loads((out / "metrics.json").read_text())
+
+
+def fit_classifier(model, task, train_rows: Sequence[dict], recipe) -> FitResult:
+    """train.fit on the task-encoded (text, label) rows, batched by length, with the recipe's TrainConfig."""
+    encoded = [{"input_ids": task.encode(r["text"]), "label": int(r["label"])} for r in train_rows]
+    return fit(model, encoded, TrainConfig.from_recipe(recipe), loss_fn=task.loss, collate_fn=task.collate,
+               length_fn=lambda ex: len(ex["input_ids"]))
 
 
 def build_task(recipe: ClassificationRecipe, tokenizer, evaluation: bool = False) -> ClassificationTask:

@@ -21,10 +21,11 @@ from typing import Sequence
 
 import numpy as np
 
-_CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("precision_macro", "macro P"), ("recall_macro", "macro R"),
-                           ("f1_macro", "macro F1"), ("roc_auc", "AUC"), ("n", "n"), ("n_unparsed", "unparsed")]
-_SQUAD_COLUMNS = [("exact", "EM"), ("f1", "F1"), ("has_ans_f1", "HasAns F1"), ("no_ans_f1", "NoAns F1"),
-                  ("rouge_l", "ROUGE-L"), ("n", "n")]
+_CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("accuracy_ci95", "95% CI"), ("precision_macro", "macro P"),
+                           ("recall_macro", "macro R"), ("f1_macro", "macro F1"), ("roc_auc", "AUC"), ("n", "n"),
+                           ("n_unparsed", "unparsed")]
+_SQUAD_COLUMNS = [("exact", "EM"), ("exact_ci95", "EM 95% CI"), ("f1", "F1"), ("has_ans_f1", "HasAns F1"),
+                  ("no_ans_f1", "NoAns F1"), ("rouge_l", "ROUGE-L"), ("n", "n")]
 
 
 def write_report(out_dir: str | os.PathLike, *, rows: dict[str, dict], predictions: Sequence[dict] = (),
@@ -110,6 +111,8 @@ def _fmt(v) -> str:
         return "–"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}"
+    if isinstance(v, (list, tuple)):                 # an interval
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return str(v)
 
 

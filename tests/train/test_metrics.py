@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
-from train.metrics import classification_metrics, normalize_answer, parse_predictions, rouge_l, squad_metrics, token_f1
+from train.metrics import (classification_metrics, normalize_answer, parse_predictions, rouge_l, squad_metrics,
+                           token_f1, wilson_interval)
 
 
 def _random_case(n_classes: int, n: int = 200, seed: int = 0):
@@ -34,6 +35,42 @@ def test_matches_sklearn_from_probabilities(n_classes):
                     else roc_auc_score(y, probs, multi_class="ovr", average="macro"))
     assert m["roc_auc"] == pytest.approx(expected_auc)
     assert m["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (1, 10), (5, 10), (10, 10), (892, 1000), (789, 872), (3, 2500)])
+def test_wilson_interval_matches_scipy(k, n):
+    from scipy.stats import binomtest
+
+    expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson_interval(k, n)
+    assert lo == pytest.approx(expected.low, abs=1e-9) and hi == pytest.approx(expected.high, abs=1e-9)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+
+
+def test_wilson_interval_endpoints_solve_the_score_equation():
+    # the definition: |p_hat - p0| = z * sqrt(p0 (1 - p0) / n) at both ends (away from 0 and 1)
+    k, n, z = 37, 50, 1.959964
+    for p0 in wilson_interval(k, n, z):
+        assert abs(k / n - p0) == pytest.approx(z * np.sqrt(p0 * (1 - p0) / n), rel=1e-9)
+    wide, narrow = wilson_interval(37, 50), wilson_interval(370, 500)
+    assert wide[1] - wide[0] > narrow[1] - narrow[0]          # ten times the rows: a narrower interval
+
+
+@pytest.mark.parametrize("k,n", [(1, 0), (-1, 5), (6, 5)])
+def test_wilson_interval_rejects_impossible_counts(k, n):
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(k, n)
+
+
+def test_metrics_carry_the_accuracy_and_em_intervals():
+    y, probs = _random_case(3, n=300)
+    m = classification_metrics(y, probs, ["a", "b", "c"])
+    correct = int((probs.argmax(1) == y).sum())
+    assert m["accuracy_ci95"] == list(wilson_interval(correct, 300))
+    q = squad_metrics({"a": "x", "b": "y"}, [{"id": "a", "answers": ["x"]}, {"id": "b", "answers": ["z"]},
+                                             {"id": "c", "answers": []}])
+    assert q["exact"] == pytest.approx(200 / 3)
+    assert q["exact_ci95"] == pytest.approx([100 * v for v in wilson_interval(2, 3)])
 
 
 def test_hand_computed_binary():
@@ -144,6 +181,8 @@ def test_report_writes_every_file(tmp_path):
     table = [line for line in md.splitlines() if line.startswith("| ") and "row" not in line][:3]
     assert [line.split("|")[1].strip() for line in table] == ["zero-shot", "few-shot-4", "fine-tuned"]
     assert "macro F1" in md and "AUC" in md
+    lo, hi = rows["fine_tuned"]["accuracy_ci95"]
+    assert f"| {rows['fine_tuned']['accuracy']:.4f} | [{lo:.4f}, {hi:.4f}] |" in md
     csv_lines = (tmp_path / "predictions.csv").read_text().splitlines()
     assert csv_lines[0] == "text,label,zero_shot_pred" and len(csv_lines) == 41
     for row in rows:
@@ -157,5 +196,6 @@ def test_report_squad_rows(tmp_path):
     m = squad_metrics({"a": "x"}, [{"id": "a", "answers": ["x"]}, {"id": "b", "answers": []}])
     write_report(tmp_path, rows={"zero_shot": m, "fine_tuned": m}, config=None, elapsed=1.0)
     md = (tmp_path / "results.md").read_text()
-    assert "| EM | F1 |" in md and "100.00" in md
+    assert "| EM | EM 95% CI | F1 |" in md and "100.00" in md
+    assert f"| 100.00 | [{100 * wilson_interval(2, 2)[0]:.2f}, 100.00] |" in md   # both right: EM 100
     assert not list(tmp_path.glob("*.png"))
