@@ -27,6 +27,7 @@ import functools
 import gc
 import importlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -41,6 +42,18 @@ from quant.nf4 import (
 
 BACKENDS = ("torch", "bnb", "triton")
 _QS_KEY = "quant_state.bitsandbytes__nf4"
+
+
+def _drop_kernel_hub_warning(record: logging.LogRecord) -> bool:
+    # Note: bitsandbytes 0.50 on a CPU with AVX512-BF16 tries, as it is imported, to fetch a fused gemv kernel
+    # from the Hugging Face hub (the `kernels` package, "kernels-community") and logs "Failed to load CPU
+    # gemm_4bit_forward ..." when it cannot: every run here, offline. That kernel only serves bnb's gemv_4bit,
+    # which this library never calls (it dequantizes and runs F.linear), and nothing may download at run time,
+    # so that one message is dropped; every other bitsandbytes log record passes.
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernel_hub_warning)   # before bnb's import
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 
 from train import memory, models
 from train.data import LABELS, LANGUAGES, load_split
+from train.metrics import wilson_interval
 from train.recipe import build_task, few_shot_task, group_markdown, group_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,6 +286,7 @@ def test_group_metrics_per_language():
     probs = np.eye(3)[[0, 1, 2, 0, 0, 0, 0, 0]] * 0.8 + 0.2 / 3                  # de all right, fr half
     per = group_metrics(rows, probs, ["negative", "neutral", "positive"], "language")
     assert per["de"]["accuracy"] == 1.0 and per["fr"]["accuracy"] == 0.5 and per["fr"]["n"] == 4
+    assert per["fr"]["accuracy_ci95"] == list(wilson_interval(2, 4)) and per["de"]["accuracy_ci95"][1] == 1.0
     md = group_markdown({"fine_tuned": {"accuracy": 0.75, "f1_macro": 0.5, "roc_auc": 0.8, "n": 8,
                                         "per_group": per}}, "language")
     assert "| de | 4 | 1.0000 |" in md and "| all | 8 | 0.7500 |" in md

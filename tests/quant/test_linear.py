@@ -7,10 +7,12 @@ relative), fp16 4.7e-4 (2^-11 = 4.9e-4), worst of 5 seeds x 5 shapes. Limits are
 """
 
 import copy
+import logging
 import sys
 import types
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -432,3 +434,26 @@ def test_quantize_rejects_bad_arguments(kwargs, message):
 def test_quantize_of_a_bare_linear_points_to_from_linear():
     with pytest.raises(ValueError, match="from_linear"):
         quant.quantize(nn.Linear(8, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# bitsandbytes' import-time log
+
+
+def test_only_the_kernel_hub_message_of_bitsandbytes_is_dropped(caplog):
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")      # quant.linear filtered it when imported
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                    "already `pip install kernels`", "No module named 'kernels'")
+        log.warning("Failed to load the CPU dequantize kernel: %s", "libbitsandbytes_cpu.so missing")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to load the CPU dequantize kernel: libbitsandbytes_cpu.so missing"]
+
+
+def test_importing_bitsandbytes_after_quant_is_quiet():
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", "import quant, bitsandbytes"], capture_output=True, text=True,
+                         cwd=str(Path(qlinear.__file__).resolve().parent.parent), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "kernels-community" not in run.stderr + run.stdout
