@@ -53,9 +53,8 @@ def evaluate_lengths(adapter_dir: str | Path, rows: Sequence[dict], lengths: Seq
                                       system=task.system, max_length=n, keep=task.keep)
         m, _ = evaluate(cut_task, model, rows, label_names, batch_size)
         out.append({"max_length": n, "accuracy": m["accuracy"], "accuracy_ci95": m["accuracy_ci95"],
-                    "f1_macro": m["f1_macro"],
-                    "roc_auc": m["roc_auc"], "n": m["n"], "texts_truncated": cut_task.n_truncated,
-                    "seconds": m["eval_seconds"]})
+                    "f1_macro": m["f1_macro"], "roc_auc": m["roc_auc"], "n": m["n"],
+                    "texts_truncated": cut_task.n_truncated, "seconds": m["eval_seconds"]})
     return out
 
 
