@@ -87,6 +87,7 @@ def _metrics_from(y: np.ndarray, pred: np.ndarray, probs: np.ndarray | None, nam
     labels = list(range(len(names)))
     p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, average=None, zero_division=0)
     n_unparsed = int((pred < 0).sum())
+    correct = int((pred == y).sum())
     cm_labels = labels + ([-1] if n_unparsed else [])
     cm = confusion_matrix(y, pred, labels=cm_labels)[: len(names)]  # rows: true classes only
     per_class = {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
@@ -94,8 +95,8 @@ def _metrics_from(y: np.ndarray, pred: np.ndarray, probs: np.ndarray | None, nam
     return {
         "n": int(len(y)),
         "n_unparsed": n_unparsed,
-        "accuracy": float((pred == y).mean()),
-        "accuracy_ci95": list(wilson_interval(int((pred == y).sum()), len(y))),
+        "accuracy": correct / len(y),
+        "accuracy_ci95": list(wilson_interval(correct, len(y))),
         "per_class_accuracy": {n: float(r[i]) for i, n in enumerate(names)},
         "precision_macro": float(p.mean()),
         "recall_macro": float(r.mean()),

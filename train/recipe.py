@@ -79,6 +79,11 @@ class ClassificationRecipe:
     export_merged: str | None = None              # write a plain HF checkpoint of the merged model here
     extra: dict = field(default_factory=dict)     # anything the example wants recorded in metrics.json
 
+    @property
+    def test_max_length(self) -> int:
+        """Prompt tokens when evaluating and predicting: eval_max_length, else max_length."""
+        return self.max_length if self.eval_max_length is None else self.eval_max_length
+
 
 def pick_dtype(name: str) -> torch.dtype:
     """bf16 where the hardware runs it fast (any CUDA GPU with bf16, x86 with avx512_bf16/AMX), else fp32."""
@@ -255,11 +260,9 @@ def fit_classifier(model, task, train_rows: Sequence[dict], recipe) -> FitResult
 
 def build_task(recipe: ClassificationRecipe, tokenizer, evaluation: bool = False) -> ClassificationTask:
     """The zero-shot prompt + verbalizer the recipe trains with (evaluates with, at `eval_max_length`)."""
-    max_length = recipe.max_length
-    if evaluation and recipe.eval_max_length is not None:
-        max_length = recipe.eval_max_length
     return ClassificationTask(tokenizer, list(recipe.label_words), instruction=recipe.instruction,
-                              system=recipe.system, max_length=max_length, keep=recipe.keep)
+                              system=recipe.system, keep=recipe.keep,
+                              max_length=recipe.test_max_length if evaluation else recipe.max_length)
 
 
 def few_shot_task(recipe: ClassificationRecipe, tokenizer, train_rows, n_classes: int,
@@ -310,7 +313,7 @@ def _write_task_meta(adapter_dir: Path, recipe: ClassificationRecipe, label_name
     """task.json beside the adapter: what train.predict needs to rebuild the same prompt."""
     meta = {"model": recipe.model, "label_names": list(label_names), "label_words": list(recipe.label_words),
             "instruction": recipe.instruction, "system": recipe.system,
-            "max_length": recipe.eval_max_length or recipe.max_length,
+            "max_length": recipe.test_max_length,
             "keep": recipe.keep,
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}}
     tmp = adapter_dir / "task.json.tmp"
