@@ -1,10 +1,16 @@
-"""QLoRA on SQuAD 2.0: SmolLM2-135M answers with a span of the passage or says "unanswerable".
+"""QLoRA on SQuAD 2.0: Gemma-3-270M answers with a span of the passage or says "unanswerable".
 
 Offline only the dev file exists, so train.data splits it BY ARTICLE (seeded): no article is on both sides.
 Zero-shot vs fine-tuned vs always-abstain on a fixed sample of test-article questions; see train/qa_recipe.py.
 
     python examples/squad_v2.py                              # <= 30 min on a 2-core CPU
+    python examples/squad_v2.py --model smollm2-135m --lr 3e-4 --n-calib 300 --train-minutes 18   # EM 0.49
     python examples/squad_v2.py --limit 16 --max-steps 2     # smoke run
+
+Gemma-3-270M is the default: with the recipe and budget of that last line, SmolLM2-135M (the other examples'
+default) gives the right span on 43% of the answerable test questions and tells unanswerable from answerable
+at ROC AUC 0.56 (chance 0.5); Gemma-3-270M with the defaults on 67% and at 0.68 (README, results). lr 5e-4
+(the other examples train at 3e-4) was picked on the calibration articles' EM: 60.7 vs 58.3 at 3e-4.
 """
 from common import parser
 
@@ -25,15 +31,15 @@ NEW_EXAMPLES = [
 
 def main() -> None:
     p = parser(__doc__, train_limit=0, out_name="squad_v2")
-    p.set_defaults(batch_size=4, train_limit=None)  # batch_size counts packed contexts (~10 questions each)
+    p.set_defaults(model="gemma3-270m", batch_size=4, train_limit=None, lr=5e-4)  # batch_size counts packed contexts (~10 questions each)
     p.add_argument("--n-test", type=int, default=500, help="test questions (answerable share as in the split)")
-    p.add_argument("--n-calib", type=int, default=300, help="calibration questions (held-out train articles)")
+    p.add_argument("--n-calib", type=int, default=600, help="calibration questions (held-out train articles)")
     p.add_argument("--max-length", type=int, default=384, help="prompt tokens (the context is cut to fit)")
     p.add_argument("--max-turns", type=int, default=16, help="questions packed after one context")
     p.add_argument("--abstain", default="calibrated", choices=["calibrated", "greedy"])
-    p.add_argument("--train-minutes", type=float, default=18.0,
-                   help="stop training after this long (a guard: one epoch took 11 min on one idle 2-core CPU, "
-                        "would take ~23 on another; results.md says when the guard stopped it)")
+    p.add_argument("--train-minutes", type=float, default=17.0,
+                   help="stop training after this long (a guard: one epoch of Gemma-3-270M takes ~18.5 min on "
+                        "a 2-core CPU, of SmolLM2-135M 11-23; results.md says when the guard stopped it)")
     p.add_argument("--test-fraction", type=float, default=0.3, help="share of the articles on the test side")
     args = p.parse_args()
     if args.few_shot or args.export_merged:

@@ -8,7 +8,7 @@
     -> scored greedy answers on the calibration slice -> abstain threshold -> the test sample
     -> metrics.json / results.md / predictions.csv / train_curves.png / adapter/ (+ qa_task.json)
 
-How a 135M model can reach EM >= 0.55 on a CPU budget:
+How a 270M model (100M of it outside the embedding) can reach EM >= 0.55 on a CPU budget:
   * The target is short and exact: the span most annotators gave, or the fixed string "unanswerable";
     the loss covers those tokens and the end-of-turn token only.
   * Every prompt stays under `max_length` tokens. Only the context is cut: its head at test time; in
@@ -52,7 +52,7 @@ from .task import GenerationTask
 @dataclass
 class QARecipe:
     out_dir: str                                  # metrics.json, results.md, predictions.csv, plots, adapter
-    model: str = "smollm2-135m"                   # registry name or a local HF folder
+    model: str = "gemma3-270m"                    # registry name or a local HF folder
     system: str | None = "Answer from the context."   # short: SmolLM2's default system prompt is 20 tokens
     instruction: str = ("Answer with a short span copied from the context. If the context does not answer "
                         "the question, reply unanswerable.")
@@ -61,7 +61,7 @@ class QARecipe:
     max_new_tokens: int = 24                      # answers are 5 tokens on average, 23 at the 99th percentile
     max_turns: int = 16                           # questions packed after one context (longer lists are split)
     n_test: int = 500                             # test questions (answerable share as in the test articles)
-    n_calib: int = 300                            # calibration questions, from held-out train articles
+    n_calib: int = 600                            # calibration questions, from held-out train articles
     train_limit: int | None = None                # cap on training questions (None: every one left)
     train_minutes: float | None = None            # stop training after this long, as an interrupt would
     abstain: str = "calibrated"                   # "calibrated" (threshold) | "greedy"
@@ -81,7 +81,7 @@ class QARecipe:
     max_steps: int | None = None
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 5e-4                              # Gemma-3 on the calibration articles: EM 60.7 (3e-4: 58.3)
     warmup_ratio: float = 0.05
     grad_checkpointing: bool = False
     eval_batch_size: int = 32

@@ -281,6 +281,30 @@ def test_batched_left_padded_generation_matches_one_by_one(tok):
     assert batched == single and all(isinstance(a, str) for a in batched)
 
 
+def test_generation_feeds_a_frozen_head_a_contiguous_input(tok, monkeypatch):
+    # generate() runs the head on hidden[:, -1:, :]; with a frozen head torch.matmul would then expand and copy
+    # the (V, d) weight per row (bmm) instead of one mm: generate_scored hands it a contiguous (b, 1, d) input.
+    import train.task as task_mod
+
+    model = tiny_llama(seed=1)
+    for p in model.parameters():
+        p.requires_grad_(False)                                  # as after lora.inject
+    head = model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda m, args, out: seen.append((args[0].shape, args[0].is_contiguous())))
+    task = GenerationTask(tok)
+    scored = task.generate_scored(model, QA, max_new_tokens=3, batch_size=2)
+    probe.remove()
+    assert seen and all(contiguous for _, contiguous in seen) and seen[0][0][0] == 2
+    assert not head._forward_pre_hooks                           # removed again
+    monkeypatch.setattr(task_mod, "_contiguous_input", lambda m, args: args)   # the same run, no copy
+    seen.clear()
+    probe = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    assert task.generate_scored(model, QA, max_new_tokens=3, batch_size=2) == scored
+    probe.remove()
+    assert not seen[0]                                           # what generate() hands the head by itself
+
+
 @pytest.mark.parametrize("generated, expected", [
     ("Paris.", "Paris"), ("  \"the Normans\"\nmore text", "the Normans"), ("unanswerable", ""),
     ("Unanswerable.", ""), ("", "")], ids=["period", "quotes+newline", "abstain", "abstain-case", "empty"])
