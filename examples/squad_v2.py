@@ -31,7 +31,8 @@ NEW_EXAMPLES = [
 
 def main() -> None:
     p = parser(__doc__, train_limit=0, out_name="squad_v2")
-    p.set_defaults(model="gemma3-270m", batch_size=4, train_limit=None, lr=5e-4)  # batch_size counts packed contexts (~10 questions each)
+    # batch_size counts packed contexts (~10 questions each)
+    p.set_defaults(model="gemma3-270m", batch_size=4, train_limit=None, lr=5e-4)
     p.add_argument("--n-test", type=int, default=500, help="test questions (answerable share as in the split)")
     p.add_argument("--n-calib", type=int, default=600, help="calibration questions (held-out train articles)")
     p.add_argument("--max-length", type=int, default=384, help="prompt tokens (the context is cut to fit)")

@@ -209,7 +209,8 @@ def test_smoke_run_writes_every_output(tmp_path, smol_tok, rows):
     out = tmp_path / "run"
     # SmolLM2 (cached by the other tests): the default Gemma-3 needs a 45-75 s conversion on first use
     proc = subprocess.run([sys.executable, "examples/squad_v2.py", "--max-steps", "2", "--limit", "16",
-                           "--model", "smollm2-135m", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                           "--model", "smollm2-135m", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
