@@ -106,12 +106,14 @@ def print_table(rows, columns):
 
 
 def save_json(name, env, rows, **extra):
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """results/<name>.json (an absolute `name` is written where it says), atomically."""
     path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"environment": env, **extra, "rows": rows}, indent=2, default=str))
     os.replace(tmp, path)
-    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+    root = RESULTS.parent.parent
+    print(f"\nwrote {path.relative_to(root) if path.is_relative_to(root) else path}")
     return path
 
 

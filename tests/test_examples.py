@@ -338,3 +338,14 @@ def test_encoder_smoke_run_compares_qlora_with_full_finetune(tmp_path):
     assert "Cost" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "full-finetune" / "model" / "config.json").is_file()
     assert (tmp_path / "confusion_full_fine_tune.png").is_file()
+    # train.predict reloads both (the adapter onto a fresh NF4 base; the full fine-tune's HF folder) and gives
+    # the probabilities the run printed for the new texts
+    from train.predict import load_classifier
+
+    enc = example("sst2_encoder")
+    for folder in (tmp_path / "adapter", tmp_path / "full-finetune" / "model"):
+        model, task, labels = load_classifier(folder)
+        probs = task.predict_proba(model, enc.NEW_TEXTS)
+        run = json.loads((folder.parent / "metrics.json").read_text())["new_texts"]
+        assert [labels[int(p.argmax())] for p in probs] == [e["label"] for e in run]
+        assert np.allclose(probs.max(1), [e["p"] for e in run], atol=1e-3), folder

@@ -6,7 +6,7 @@ from .data import DATASETS, LABELS, label_names, load_split, squad_split_sizes
 from .loop import FitResult, TrainConfig, fit, lr_multiplier
 from .memory import lean_cpu_allocator
 from .metrics import classification_metrics, normalize_answer, squad_metrics
-from .models import DEFAULT_MODEL, REGISTRY, load_model, load_tokenizer
+from .models import DEFAULT_MODEL, REGISTRY, load_model, load_tokenizer, use_cheap_dropout
 from .report import write_report
 from .task import ClassificationTask, GenerationTask, SequenceClassificationTask
 
@@ -15,6 +15,6 @@ __all__ = [
     "DATASETS", "LABELS", "label_names", "load_split", "squad_split_sizes",
     "FitResult", "TrainConfig", "fit", "lr_multiplier", "lean_cpu_allocator",
     "classification_metrics", "normalize_answer", "squad_metrics",
-    "DEFAULT_MODEL", "REGISTRY", "load_model", "load_tokenizer", "write_report",
+    "DEFAULT_MODEL", "REGISTRY", "load_model", "load_tokenizer", "use_cheap_dropout", "write_report",
     "ClassificationTask", "GenerationTask", "SequenceClassificationTask",
 ]

@@ -2,8 +2,9 @@
 
     load encoder + a fresh classification head (BertForSequenceClassification, C outputs)
       -> "zero-shot": the untrained head (chance level: the row shows what the head alone cannot do)
-      -> mode "qlora": quant.quantize (NF4, head kept dense) -> lora.inject(query/key/value/dense,
-                       modules_to_save=["classifier"]) -> train.fit -> adapter (LoRA A/B + the whole head)
+      -> mode "qlora": quant.quantize (NF4, head kept dense; matmuls in bf16 where fast: `nf4_compute`)
+                       -> lora.inject(query/key/value/dense, modules_to_save=["classifier"]) -> train.fit
+                       -> adapter (LoRA A/B + the whole head)
          mode "lora":  the same on the dense base
          mode "full":  every weight trainable, fp32, no quantization -> a plain HF checkpoint
       -> metrics.json / results.md / predictions.csv / PNGs, with trainable parameters, train time and
@@ -58,6 +59,8 @@ class EncoderRecipe:
     double_quant: bool = True
     backend: str | None = None
     dtype: str = "fp32"                           # the frozen base's dtype; "full" always trains in fp32
+    nf4_compute: str = "auto"                     # qlora: the NF4 matmuls' dtype ("auto": bf16 where the CPU/GPU
+                                                  # runs it fast); norms, adapters and head stay in `dtype`
     # training (see train.TrainConfig)
     epochs: float = 1.0
     max_steps: int | None = None
@@ -77,7 +80,7 @@ class EncoderRecipe:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
 
-def prepare(model, recipe: EncoderRecipe, dtype: torch.dtype):
+def prepare(model, recipe: EncoderRecipe):
     """The model made trainable the way `recipe.mode` says; returns it."""
     if recipe.mode == "full":
         model.float()
@@ -85,7 +88,8 @@ def prepare(model, recipe: EncoderRecipe, dtype: torch.dtype):
             p.requires_grad_(True)
         return model
     if recipe.mode == "qlora":
-        quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant, compute_dtype=dtype,
+        quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
+                       compute_dtype=pick_dtype(recipe.nf4_compute),
                        backend=recipe.backend, skip=tuple(recipe.modules_to_save))
     targets = recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets)
     return lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=targets,
@@ -108,7 +112,7 @@ def run_encoder(recipe: EncoderRecipe, train_rows: Sequence[dict], test_rows: Se
                                                             recipe.eval_batch_size)
     _say(f"untrained head ('zero-shot') accuracy {rows['zero_shot']['accuracy']:.4f}")
 
-    prepare(model, recipe, dtype)
+    prepare(model, recipe)
     counts = lora.trainable_parameters(model)
     _say(f"{recipe.mode}: trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
     rss_before = peak_rss_mb()
@@ -148,8 +152,9 @@ def save_trained(model, tokenizer, out: Path, recipe: EncoderRecipe, label_names
     """LoRA modes: out/adapter (PEFT files, the head in full) + task.json; full: out/model (HF checkpoint)."""
     meta = {"kind": "sequence-classification", "model": recipe.model, "mode": recipe.mode,
             "label_names": list(label_names), "max_length": recipe.max_length,
-            "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}
-            if recipe.mode == "qlora" else None}
+            "dtype": "fp32" if recipe.mode == "full" else recipe.dtype,
+            "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant,
+                      "skip": list(recipe.modules_to_save)} if recipe.mode == "qlora" else None}
     if recipe.mode == "full":
         folder = out / "model"
         model.save_pretrained(folder)

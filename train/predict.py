@@ -1,7 +1,9 @@
 """Classify new texts with a saved adapter:  python -m train.predict --adapter DIR "some text" ...
 
 The adapter folder holds PEFT's two files plus `task.json` (backbone, label names and words, prompt), which
-the recipe writes, so the prompt at inference is exactly the one the adapter was trained with.
+the recipe writes, so the prompt at inference is exactly the one the adapter was trained with. Encoder
+classifiers (train.encoder_recipe) work the same way: DIR is their adapter (LoRA + the head), or the
+full fine-tune's model folder.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import quant
 
 from .models import load_model
 from .recipe import evaluate, pick_dtype
-from .task import ClassificationTask
+from .task import ClassificationTask, SequenceClassificationTask
 
 TASK_FILE = "task.json"
 
@@ -29,6 +31,8 @@ def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: 
         raise FileNotFoundError(f"{meta_path} not found: is {adapter_dir} an adapter written by train.recipe?")
     meta = json.loads(meta_path.read_text())
     torch_dtype = pick_dtype(dtype)
+    if meta.get("kind") == "sequence-classification":
+        return _load_encoder(adapter_dir, meta, torch_dtype, quantized)
     model, tokenizer = load_model(meta["model"], dtype=torch_dtype)
     if quantized:
         quant.quantize(model, compute_dtype=torch_dtype, **meta.get("quant", {}))
@@ -38,6 +42,21 @@ def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: 
                               system=meta.get("system"), max_length=meta.get("max_length", 256),
                               keep=meta.get("keep", "head"))
     return model, task, meta["label_names"]
+
+
+def _load_encoder(folder: Path, meta: dict, compute_dtype, quantized: bool):
+    """An encoder classifier as train.encoder_recipe saved it: the model in the dtype it trained in, the NF4
+    matmuls (qlora adapters) in `compute_dtype`, the head never quantized."""
+    labels, full = meta["label_names"], meta["mode"] == "full"
+    model, tokenizer = load_model(folder if full else meta["model"], dtype=pick_dtype(meta.get("dtype", "fp32")),
+                                  kind="sequence-classification", num_labels=len(labels))
+    if not full:
+        if quantized and meta.get("quant"):
+            q = dict(meta["quant"])
+            quant.quantize(model, compute_dtype=compute_dtype, skip=tuple(q.pop("skip", ("classifier",))), **q)
+        lora.load(model, folder)
+    task = SequenceClassificationTask(tokenizer, len(labels), max_length=meta["max_length"])
+    return model.eval(), task, labels
 
 
 def evaluate_lengths(adapter_dir: str | Path, rows: Sequence[dict], lengths: Sequence[int], *,

@@ -77,6 +77,30 @@ def test_sequence_classification_kind(tmp_path):
     assert out.logits.shape == (2, 3)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_cheap_dropout_replaces_the_models_dropouts(p):
+    from lora.layer import CheapDropout
+    from tiny import tiny_bert
+
+    model = tiny_bert()
+    model.config.hidden_dropout_prob = p
+    for m in model.modules():
+        if type(m) is torch.nn.Dropout:
+            m.p = p
+    plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Dropout]
+    ids = torch.randint(0, 100, (4, 12))
+    before = model(input_ids=ids).logits
+    assert models.use_cheap_dropout(model) == len(plain) > 0
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    for name in plain:
+        assert isinstance(model.get_submodule(name), CheapDropout) and model.get_submodule(name).p == p
+    assert torch.equal(model(input_ids=ids).logits, before)                    # eval: the identity, as before
+    drop = model.get_submodule(plain[0]).train()                              # train: drops p of the entries
+    kept = (drop(torch.ones(200_000)) != 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.005                                        # 5 sigma at n = 200,000
+    assert models.use_cheap_dropout(model) == 0                               # idempotent
+
+
 def test_offline_mode_is_scoped():
     import huggingface_hub.constants as c
 
@@ -193,6 +217,8 @@ def test_minilm_loads_as_an_encoder_classifier():
     _require("minilm-l6")
     model, tok = models.load_model("minilm-l6", num_labels=3)
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 3
+    # load_model swapped all 20 (the 6 attention ones only hand their p to SDPA, which draws its own mask)
+    assert sum(type(m).__name__ == "CheapDropout" for m in model.modules()) == 20
     with pytest.raises(ValueError, match="encoder"):
         models.load_model("minilm-l6", kind="causal-lm")
 
