@@ -8,8 +8,8 @@ the untrained head: an encoder has no prompt to answer, so it sits at chance (an
 
 Defaults: one epoch over all 67,349 training phrases, LoRA at lr 1e-3 (full fine-tune: 1e-4), the NF4 matmuls
 in bf16 where the CPU runs it fast (`--nf4-compute`). Measured with QLoRA on the Intel Xeon: 20,000 phrases at
-lr 5e-4 / 1e-3 / 2e-3 gave 0.858 / 0.864 / 0.843 dev accuracy; all 67,349 at 1e-3 gave 0.890 in 4.6 min of
-training (full fine-tune: 0.888 in 7.9 min).
+lr 5e-4 / 1e-3 / 2e-3 gave 0.858 / 0.864 / 0.843 dev accuracy; all 67,349 at 1e-3 gave 0.885 in 4.8 min of
+training (full fine-tune: 0.884 in 7.6 min).
 
     python examples/sst2_encoder.py                        # QLoRA, then the full fine-tune: ~13 min, 2-core CPU
     python examples/sst2_encoder.py --no-compare           # QLoRA only

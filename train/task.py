@@ -111,8 +111,17 @@ def cut(ids: list[int], budget: int, keep: str = "head") -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head):]
 
 
+# Batches are padded to a multiple of PAD_MULTIPLE tokens: fewer distinct shapes, so the allocator reuses freed
+# activations and oneDNN its kernels. Measured over 120 QLoRA steps of the SST-2 recipe (SmolLM2, batch 16,
+# 33-82 tokens): RSS 3.12-3.16 GB -> 2.78 GB at 4 (2.80 at 8, 2.96 at 16), 133-136 s -> 130 s; the encoder
+# (all-MiniLM-L6, 400 steps of 32 phrases): 1.82 -> 1.51 GB (1.46 at 8, 4 s slower). Pads are masked, so the
+# outputs at the real tokens are those of the unpadded batch.
+PAD_MULTIPLE = 4
+
+
 def _pad_right(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)  # (B, T)
+    T = -(-max(len(s) for s in seqs) // PAD_MULTIPLE) * PAD_MULTIPLE
+    out = torch.full((len(seqs), T), value, dtype=torch.long)  # (B, T)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out

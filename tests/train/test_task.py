@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import train.task as task_mod
 from train.task import IGNORE, ClassificationTask, GenerationTask, SequenceClassificationTask
 
 WORDS = ("negative neutral positive classify the sentiment of this review text a great bad film movie was is "
@@ -101,6 +102,26 @@ def test_right_padding_does_not_change_an_example(task):
     torch.testing.assert_close(batched, alone, atol=ATOL, rtol=0, msg=lambda _: _report(batched, alone))
 
 
+@pytest.mark.parametrize("multiple", [4, 8])
+@pytest.mark.parametrize("kind", ["causal", "encoder"])
+def test_padding_to_a_multiple_leaves_the_scores_unchanged(task, kind, multiple, monkeypatch):
+    from tiny import tiny_bert
+
+    if kind == "causal":
+        model, t = tiny_llama(), task
+    else:
+        model, t = tiny_bert(), SequenceClassificationTask(tiny_tokenizer(), 3, max_length=64)
+    rows = [{"input_ids": t.encode(e["text"])} for e in EXAMPLES]
+    monkeypatch.setattr(task_mod, "PAD_MULTIPLE", 1)
+    exact = t.collate(rows)
+    monkeypatch.setattr(task_mod, "PAD_MULTIPLE", multiple)
+    padded = t.collate(rows)
+    assert padded["input_ids"].shape[1] % multiple == 0 and padded["input_ids"].shape[1] >= exact["input_ids"].shape[1]
+    with torch.no_grad():
+        a, b = t.label_logits(model, exact), t.label_logits(model, padded)                     # (3, C)
+    torch.testing.assert_close(b, a, atol=ATOL, rtol=0, msg=lambda _: _report(b, a))
+
+
 def test_final_logit_softcapping_is_applied():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -190,13 +211,15 @@ def test_scaffold_longer_than_max_length_is_an_error(tok):
 def test_collate_pads_right_to_the_batch_max(task, tok):
     batch = task.collate(EXAMPLES[:2])
     lengths = [len(task.encode(e["text"])) for e in EXAMPLES[:2]]
-    assert batch["input_ids"].shape == (2, max(lengths))
+    width = -(-max(lengths) // task_mod.PAD_MULTIPLE) * task_mod.PAD_MULTIPLE      # rounded up to the multiple
+    assert batch["input_ids"].shape == (2, width) and width - max(lengths) < task_mod.PAD_MULTIPLE
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["last_index"].tolist() == [n - 1 for n in lengths]
     assert batch["labels"].tolist() == [2, 0]
     assert batch["input_ids"][1, lengths[1]:].eq(tok.pad_token_id).all()
     pre = task.collate([{"input_ids": task.encode("boring"), "label": 0}])  # pre-encoded rows work too
-    assert pre["input_ids"].tolist() == [task.encode("boring")]
+    ids = task.encode("boring")
+    assert pre["input_ids"][0, :len(ids)].tolist() == ids and pre["attention_mask"].sum().item() == len(ids)
     assert task.length(EXAMPLES[1]) == lengths[1]
 
 
@@ -284,8 +307,6 @@ def test_batched_left_padded_generation_matches_one_by_one(tok):
 def test_generation_feeds_a_frozen_head_a_contiguous_input(tok, monkeypatch):
     # generate() runs the head on hidden[:, -1:, :]; with a frozen head torch.matmul would then expand and copy
     # the (V, d) weight per row (bmm) instead of one mm: generate_scored hands it a contiguous (b, 1, d) input.
-    import train.task as task_mod
-
     model = tiny_llama(seed=1)
     for p in model.parameters():
         p.requires_grad_(False)                                  # as after lora.inject
