@@ -115,7 +115,7 @@ def cut(ids: list[int], budget: int, keep: str = "head") -> list[int]:
 # activations and oneDNN its kernels. Measured over 120 QLoRA steps of the SST-2 recipe (SmolLM2, batch 16,
 # 33-82 tokens): RSS 3.12-3.16 GB -> 2.78 GB at 4 (2.80 at 8, 2.96 at 16), 133-136 s -> 130 s; the encoder
 # (all-MiniLM-L6, 400 steps of 32 phrases): 1.82 -> 1.51 GB (1.46 at 8, 4 s slower). Pads are masked, so the
-# outputs at the real tokens are those of the unpadded batch.
+# outputs at the real tokens equal the unpadded batch's to float rounding.
 PAD_MULTIPLE = 4
 
 
