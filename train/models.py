@@ -259,11 +259,13 @@ def use_cheap_dropout(model: torch.nn.Module) -> int:
     hold a p for an attention kernel (BERT's attention dropout, handed to SDPA) keep working: p is the same."""
     from lora.layer import CheapDropout
 
-    swaps = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Dropout and m.p > 0]
-    for name, m in swaps:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, CheapDropout(m.p, inplace=m.inplace).train(m.training))
-    return len(swaps)
+    new: dict[int, CheapDropout] = {}                      # one replacement per module, however many names it has
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if type(m) is torch.nn.Dropout and m.p > 0:
+            cheap = new.setdefault(id(m), CheapDropout(m.p, inplace=m.inplace).train(m.training))
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, cheap)
+    return len(new)
 
 
 class SafetensorsReader:

@@ -100,6 +100,11 @@ def test_cheap_dropout_replaces_the_models_dropouts(p):
     assert abs(kept - (1 - p)) < 0.005                                        # 5 sigma at n = 200,000
     assert models.use_cheap_dropout(model) == 0                               # idempotent
 
+    shared = torch.nn.Dropout(p)                                              # one module under two names
+    pair = torch.nn.Sequential(shared, torch.nn.Linear(4, 4), shared)
+    assert models.use_cheap_dropout(pair) == 1
+    assert isinstance(pair[0], CheapDropout) and pair[0] is pair[2]
+
 
 def test_offline_mode_is_scoped():
     import huggingface_hub.constants as c
