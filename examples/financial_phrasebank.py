@@ -4,7 +4,7 @@ train.data makes the split with a fixed seed: 300 sentences per class to test, 3
 (disjoint; duplicates kept once, conflicting ones dropped). 900 short sentences train fast, so the default
 is 5 epochs (3 epochs: 84.1% on the test split, 5: 87.0%; see the README).
 
-    python examples/financial_phrasebank.py                    # ~12-15 min on a 2-core CPU (4-shot row: ~6.5)
+    python examples/financial_phrasebank.py                    # ~11-15 min on a 2-core CPU (4-shot row: ~6.5)
     python examples/financial_phrasebank.py --limit 16 --max-steps 2   # smoke run
 """
 from common import parser, recipe_from_args
