@@ -27,7 +27,7 @@ from common import parser, recipe_from_args
 from train.data import LABELS, load_split
 from train.predict import evaluate_lengths
 from train.recipe import balanced_sample, run_classification
-from train.report import _atomic_write_text
+from lora.atomic import atomic_write
 
 INSTRUCTION = "Is the sentiment of this movie review negative or positive?"
 NEW_TEXTS = [
@@ -73,8 +73,8 @@ def eval_lengths(args, test_rows) -> list[dict]:
     results = evaluate_lengths(args.eval_adapter, test_rows, args.eval_lengths, batch_size=args.eval_batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "eval_lengths.json", json.dumps({"adapter": args.eval_adapter, "results": results},
-                                                               indent=2))
+    atomic_write(out / "eval_lengths.json",
+                 json.dumps({"adapter": args.eval_adapter, "results": results}, indent=2))
     print("| test tokens | accuracy | 95% CI | macro F1 | AUC | reviews cut | seconds |\n"
           "|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -94,4 +94,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from train.cli import user_errors
+
+    with user_errors():
+        main()

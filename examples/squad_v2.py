@@ -69,4 +69,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from train.cli import user_errors
+
+    with user_errors():
+        main()

@@ -56,7 +56,7 @@ def load_data(args) -> tuple[list[dict], list[dict]]:
 
 def make_recipe(args) -> EncoderRecipe:
     if args.few_shot:
-        raise SystemExit("--few-shot: an encoder classifier has no prompt to put examples in; use a causal LM")
+        raise ValueError("--few-shot: an encoder classifier has no prompt to put examples in; use a causal LM")
     mode = "full" if args.full_finetune else "lora" if args.dense_base else "qlora"
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     return EncoderRecipe(
@@ -93,4 +93,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from train.cli import user_errors
+
+    with user_errors():
+        main()

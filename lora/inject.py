@@ -19,12 +19,14 @@ targets, a model that already has LoRA) runs first, so a failed call leaves the 
 
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .layer import LoRALinear, check_compute_dtype, is_linear_like, is_quantized
+from .layer import (LoRALinear, check_alpha, check_compute_dtype, check_dropout, check_rank, check_use_rslora,
+                    describe, is_linear_like, is_quantized)
 
 ALL_LINEAR = "all-linear"
 HEAD_NAMES = ("lm_head", "classifier", "score")
@@ -43,38 +45,64 @@ class LoraConfig:
     target_names: list[str] = field(default_factory=list)  # resolved full names of the adapted modules
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer (the adapter rank, e.g. 8); got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not self.lora_alpha > 0:
-            raise ValueError(f"alpha must be > 0 (scaling = alpha / r; e.g. alpha = 2 * r); got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1) (a probability; 0 disables it); got {self.lora_dropout!r}")
-        self.target_modules = _check_targets(self.target_modules)
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        # Also what lora.load builds from adapter_config.json, so the messages use the field (= JSON key) names.
+        check_rank(self.r, "r")
+        check_alpha(self.lora_alpha, "lora_alpha")
+        check_dropout(self.lora_dropout, "lora_dropout")
+        check_use_rslora(self.use_rslora)
+        self.target_modules = _check_targets(self.target_modules, "target_modules")
+        self.modules_to_save = _check_modules_to_save(self.modules_to_save)
+        _check_metadata(self)
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def _check_targets(targets):
-    if isinstance(targets, str):
+def _check_metadata(config: LoraConfig) -> None:
+    if not (config.task_type is None or isinstance(config.task_type, str)):
+        raise ValueError(f"task_type must be PEFT's task type name (e.g. 'CAUSAL_LM', 'SEQ_CLS') or None; "
+                         f"got {describe(config.task_type)}")
+    if not (config.base_model_name_or_path is None or isinstance(config.base_model_name_or_path, (str, os.PathLike))):
+        raise ValueError(f"base_model_name_or_path must be a str or path (written to adapter_config.json) or None; "
+                         f"got {describe(config.base_model_name_or_path)}")
+    if not (isinstance(config.target_names, list) and all(isinstance(n, str) for n in config.target_names)):
+        raise ValueError(f"target_names must be a list of module names (str); got {describe(config.target_names)}")
+
+
+def _check_targets(targets, name: str = "targets"):
+    """'all-linear', a regex (compiled here, so a typo fails now) or a list of names; returns it normalised."""
+    if isinstance(targets, str) and targets:
         if targets.lower() == ALL_LINEAR:
             return ALL_LINEAR
         try:
             re.compile(targets)
         except re.error as e:
-            raise ValueError(f"targets {targets!r} is not a valid regex ({e}); pass a list of module names "
+            raise ValueError(f"{name} {targets!r} is not a valid regex ({e}); pass a list of module names "
                              f"such as ['q_proj', 'v_proj'], a regex, or 'all-linear'") from None
         return targets
-    if isinstance(targets, (list, tuple, set)) and targets and all(isinstance(t, str) and t for t in targets):
-        return list(targets)
-    raise ValueError(f"targets must be a non-empty list of module names (e.g. ['q_proj', 'v_proj']), "
-                     f"a regex string, or 'all-linear'; got {targets!r}")
+    if not (isinstance(targets, (list, tuple, set)) and targets):
+        raise ValueError(f"{name} must be a non-empty list of module names (e.g. ['q_proj', 'v_proj']), "
+                         f"a regex string, or 'all-linear'; got {describe(targets)}")
+    return _check_names(targets, name)
+
+
+def _check_modules_to_save(names) -> list[str] | None:
+    """None, or a list of module names (a single name is accepted and wrapped, as PEFT does)."""
+    if names is None:
+        return None
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple, set)):
+        raise ValueError(f"modules_to_save must be None or a list of module names (e.g. ['classifier']); "
+                         f"got {describe(names)}")
+    return _check_names(names, "modules_to_save")
+
+
+def _check_names(names, name: str) -> list[str]:
+    bad = [n for n in names if not (isinstance(n, str) and n)]
+    if bad:   # named on its own: in a long list the repr would be cut before it
+        raise ValueError(f"{name} entries must be module names (non-empty str, e.g. 'q_proj'); got {describe(bad[0])}")
+    return list(names)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -208,14 +236,24 @@ def inject(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0
     see lora.layer). A training-time choice: not saved with the adapter; `set_compute_dtype` changes it later."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects a torch.nn.Module, got {type(model).__name__}")
+    _check_inject_args(r, alpha, dropout, targets, use_rslora, compute_dtype)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         modules_to_save=modules_to_save, use_rslora=use_rslora)
     check_not_injected(model)
     saved = resolve_modules_to_save(model, config.modules_to_save)
     names = plan_targets(model, config, saved)
     config.task_type = _infer_task_type(model, names)
-    check_compute_dtype(compute_dtype)                         # before the model is changed
     return set_compute_dtype(apply(model, config, names, saved), compute_dtype)
+
+
+def _check_inject_args(r, alpha, dropout, targets, use_rslora, compute_dtype) -> None:
+    # LoraConfig checks these too, under its field names (lora_alpha, ...); here they carry inject's own names.
+    check_rank(r)
+    check_alpha(alpha)
+    check_dropout(dropout)
+    _check_targets(targets)
+    check_use_rslora(use_rslora)
+    check_compute_dtype(compute_dtype)
 
 
 def set_compute_dtype(model: nn.Module, compute_dtype: str | None) -> nn.Module:

@@ -110,17 +110,25 @@ def plot(rows: list[dict], png) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+    import sys
+
     p = argparse.ArgumentParser(prog="python -m lora.inspect", description=__doc__.splitlines()[0])
     p.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
     p.add_argument("--base", help="base model weights (folder or file of *.safetensors) for ||dW||/||W||")
     p.add_argument("--png", help="write a heat map of the update norms to this PNG")
     args = p.parse_args(argv)
     try:
+        if args.png and not Path(args.png).resolve().parent.is_dir():
+            raise FileNotFoundError(f"--png {args.png}: the folder {Path(args.png).parent} does not exist; create it")
         config, tensors = read_adapter(args.adapter_dir)
         rows = update_norms(args.adapter_dir)
         base = _base_norms(args.base, [r["module"] for r in rows]) if args.base else None
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
+    except (ValueError, OSError) as e:    # train.cli.user_errors, inline: lora does not import train
+        if os.environ.get("QLORA_TRACEBACK") == "1":
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     saved = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in tensors if ".lora_" not in k})
     print(f"adapter    {args.adapter_dir}  (base: {config.base_model_name_or_path or 'unknown'})")
     print(f"LoRA       r={config.r} alpha={config.lora_alpha} scaling={config.scaling:.4g} "

@@ -15,14 +15,14 @@ target_modules is written as the user gave it (suffix list or regex); "all-linea
 resolved list of full module names, because PEFT's own all-linear rule differs (it adapts a
 classifier head unless task_type is SEQ_CLS) and the file must mean the same modules everywhere.
 
-Note: writes are atomic per file. Both files are first written in full to temp files in the same
-directory (and fsynced), then moved over the old ones with os.replace, so a failure while serialising
-(disk full, a bad tensor, an interrupt) leaves the previous adapter untouched and readable.
+Note: the folder is replaced as a whole (lora.atomic.atomic_dir): both files (and any `extra_files`, such as a
+training recipe's task.json) are written to a temp folder beside it, fsynced, and swapped in with renames. A
+kill -9 at any moment of a save leaves the old adapter or the new one, never new weights beside an old config,
+and the next save removes what the killed one left behind. Anything else kept in that folder is not carried
+over: an adapter folder belongs to its adapter.
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_dir, readable_dir
 from .inject import (ALL_LINEAR, LoraConfig, _infer_task_type, _nearest, apply, lora_layers, plan_targets,
                      resolve_modules_to_save)
 
@@ -75,41 +76,30 @@ def _config_json(model: nn.Module, config: LoraConfig, base_model_name_or_path) 
             **UNSUPPORTED}
 
 
-def _write_temp(directory: Path, final_name: str, write) -> str:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def save(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> Path:
-    """Writes adapter_model.safetensors + adapter_config.json to `directory` (created if needed)."""
+def save(model: nn.Module, directory, base_model_name_or_path: str | None = None, *,
+         extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Writes adapter_model.safetensors + adapter_config.json (+ `extra_files`, name -> text or bytes) as the
+    folder `directory`, replacing what was there as a whole (see the module note)."""
     config = _require_config(model)
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     meta = _config_json(model, config, base_model_name_or_path)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp_weights = _write_temp(directory, WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    try:
-        tmp_config = _write_temp(directory, CONFIG_NAME,
-                                 lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
-    except BaseException:
-        os.unlink(tmp_weights)
-        raise
-    os.replace(tmp_weights, directory / WEIGHTS_NAME)
-    os.replace(tmp_config, directory / CONFIG_NAME)
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / CONFIG_NAME).is_file():
+        raise ValueError(f"{directory} is a folder that holds other files and no {CONFIG_NAME}: saving would replace "
+                         "it as a whole; choose a new or an adapter folder")
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (WEIGHTS_NAME, CONFIG_NAME):
+                raise ValueError(f"extra_files: {name!r} must be a plain file name other than the adapter's own")
+            (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return directory
 
 
 def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Reads and validates an adapter folder; errors name the file and what is wrong with it."""
-    directory = Path(directory)
+    directory = readable_dir(directory)   # the old version while a killed save is not yet recovered
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
     config = _read_config(directory / CONFIG_NAME)
@@ -122,6 +112,9 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt or not a safetensors file: {e}") from None
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or Inf values; refusing to load it")
     return config, tensors
 
 
@@ -142,10 +135,13 @@ def _read_config(path: Path) -> LoraConfig:
     odd = {k: raw[k] for k, ok in UNSUPPORTED.items() if raw.get(k) not in (None, ok)}
     if odd:
         raise ValueError(f"{path} uses LoRA features this library does not implement: {odd}")
-    return LoraConfig(r=raw["r"], lora_alpha=raw["lora_alpha"], lora_dropout=raw.get("lora_dropout", 0.0),
-                      target_modules=raw["target_modules"], modules_to_save=raw.get("modules_to_save"),
-                      use_rslora=bool(raw.get("use_rslora", False)), task_type=raw.get("task_type"),
-                      base_model_name_or_path=raw.get("base_model_name_or_path"))
+    try:
+        return LoraConfig(r=raw["r"], lora_alpha=raw["lora_alpha"], lora_dropout=raw.get("lora_dropout", 0.0),
+                          target_modules=raw["target_modules"], modules_to_save=raw.get("modules_to_save"),
+                          use_rslora=raw.get("use_rslora") or False, task_type=raw.get("task_type"),
+                          base_model_name_or_path=raw.get("base_model_name_or_path"))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _expected_shapes(model: nn.Module, targets: list[str], saved: list[str], r: int) -> dict[str, tuple]:

@@ -37,6 +37,7 @@ Design choices
 
 import itertools
 import math
+import reprlib
 
 import torch
 import torch.nn as nn
@@ -101,10 +102,49 @@ class CheapDropout(nn.Dropout):
 COMPUTE_DTYPES = (None, "fp32", "base")   # None / "fp32": adapter math in fp32; "base": in the base output's dtype
 
 
+# ----------------------------------------------------------------------------------------------
+# argument checks, shared by LoRALinear, inject() and LoraConfig; `name` is the caller's spelling
+# ("alpha" in inject, "lora_alpha" in LoraConfig and adapter_config.json)
+
+
+def describe(value) -> str:
+    """`the float nan`: a wrong argument's type and value, for error messages (reprlib cuts a long repr)."""
+    return "None" if value is None else f"the {type(value).__name__} {reprlib.repr(value)}"
+
+
+def _is_finite_number(x) -> bool:
+    # bool is an int, and nan/inf pass every `>` or `<` test we would write; an int is always finite
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return isinstance(x, int) or math.isfinite(x)
+
+
+def check_rank(r, name: str = "r") -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{name} must be a positive integer (the adapter rank, e.g. 8); got {describe(r)}")
+
+
+def check_alpha(alpha, name: str = "alpha") -> None:
+    if not (_is_finite_number(alpha) and alpha > 0):
+        raise ValueError(f"{name} must be a finite number > 0 (scaling = alpha / r; e.g. alpha = 2 * r); "
+                         f"got {describe(alpha)}")
+
+
+def check_dropout(dropout, name: str = "dropout") -> None:
+    if not (_is_finite_number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"{name} must be a number in [0, 1) (a probability; 0 disables it); got {describe(dropout)}")
+
+
+def check_use_rslora(use_rslora) -> None:
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be True (scaling alpha / sqrt(r), rank-stabilised) or False "
+                         f"(alpha / r); got {describe(use_rslora)}")
+
+
 def check_compute_dtype(compute_dtype) -> None:
-    if compute_dtype not in COMPUTE_DTYPES:
+    if not (compute_dtype is None or isinstance(compute_dtype, str) and compute_dtype in COMPUTE_DTYPES):
         raise ValueError(f"compute_dtype must be None or 'fp32' (the adapter's fp32) or 'base' (the base layer's "
-                         f"output dtype, autocast-style); got {compute_dtype!r}")
+                         f"output dtype, autocast-style); got {describe(compute_dtype)}")
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -121,9 +161,10 @@ class LoRALinear(nn.Module):
         if not is_linear_like(base):
             raise TypeError(f"LoRALinear wraps a linear layer (nn.Linear or a module with in_features, "
                             f"out_features and a weight or dequantize()); got {type(base).__name__}")
-        if not (isinstance(r, int) and r > 0 and alpha > 0 and 0 <= dropout < 1):
-            raise ValueError(f"need r > 0 (int), alpha > 0, 0 <= dropout < 1; got r={r!r}, alpha={alpha!r}, "
-                             f"dropout={dropout!r}")
+        check_rank(r)
+        check_alpha(alpha)
+        check_dropout(dropout)
+        check_use_rslora(use_rslora)
         check_compute_dtype(compute_dtype)
         self.base_layer = base.requires_grad_(False)             # frozen: only A and B train
         self.in_features, self.out_features = base.in_features, base.out_features

@@ -29,15 +29,16 @@ import importlib
 import json
 import logging
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quant.nf4 import (
-    NESTED_BLOCKSIZE, NF4_CODE, SUPPORTED_BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4,
+    NESTED_BLOCKSIZE, NF4_CODE, SUPPORTED_DTYPES, NF4State, check_blocksize, check_double_quant, dequantize_nf4,
+    describe, quantize_nf4,
 )
 
 BACKENDS = ("torch", "bnb", "triton")
@@ -208,7 +209,8 @@ class Linear4bit(nn.Module):
                  blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
                  backend: str | None = None, device=None, dtype: torch.dtype | None = None):
         super().__init__()
-        _check_layer_args(blocksize, backend, compute_dtype)
+        _check_shape_args(in_features, out_features, bias, weight, dtype)
+        _check_layer_args(blocksize, double_quant, compute_dtype, backend)
         self.in_features, self.out_features = in_features, out_features
         if weight is None:  # placeholder to load a state dict into, like nn.Linear's empty init
             weight = torch.zeros(out_features, in_features, device=device, dtype=dtype or torch.float32)
@@ -225,6 +227,8 @@ class Linear4bit(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None, backend: str | None = None) -> Linear4bit:
         """Quantize `linear`'s weight; the bias is shared (frozen), not copied."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, bias=False, weight=linear.weight.detach(),
                     blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, backend=backend)
         if linear.bias is not None:
@@ -310,13 +314,29 @@ class Linear4bit(nn.Module):
         self.quant_state = state
 
 
-def _check_layer_args(blocksize: int, backend: str | None, compute_dtype: torch.dtype | None) -> None:
-    if blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"blocksize={blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for the device default")
-    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
-        raise ValueError(f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
+def _check_layer_args(blocksize, double_quant, compute_dtype, backend) -> None:
+    """The quantization settings Linear4bit and quantize() share; each error names the argument and the choices."""
+    check_blocksize(blocksize)
+    check_double_quant(double_quant)
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype in SUPPORTED_DTYPES):
+        raise ValueError(f"compute_dtype must be a floating torch.dtype, one of {SUPPORTED_DTYPES}, or "
+                         f"None (compute in the input's dtype); got {describe(compute_dtype)}")
+    if backend is not None and not (isinstance(backend, str) and backend in BACKENDS):
+        raise ValueError(f"backend must be one of {BACKENDS} or None (the device's fastest); got {describe(backend)}")
+
+
+def _check_shape_args(in_features, out_features, bias, weight, dtype) -> None:
+    for name, n in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {describe(n)}")
+    if not isinstance(bias, bool):
+        raise ValueError(f"bias must be a bool (True adds a frozen bias, zeros until loaded); got {describe(bias)}")
+    if weight is not None and not isinstance(weight, Tensor):
+        raise ValueError(f"weight must be a torch.Tensor [out_features, in_features] or None (a placeholder to "
+                         f"load a state dict into); got {describe(weight)}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in SUPPORTED_DTYPES):
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES} or None (float32), the "
+                         f"placeholder weight's dtype; got {describe(dtype)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,21 +396,29 @@ def quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
 
     A skip entry matches a module whose dotted name equals it or ends with "." + it. Each dense weight
     is released right after its layer is quantized, so peak memory is one model plus one layer.
-    Call it before adding LoRA adapters (their lora_A/lora_B are nn.Linear too).
+    Call it before adding LoRA adapters: their lora_A/lora_B are nn.Linear too, so a model that already has
+    adapters (ours or PEFT's: any module with `lora_A` and `lora_B` submodules) is refused, unless `skip`
+    keeps them dense (skip=("lm_head", "lora_A", "lora_B") quantizes only the wrapped base layers).
 
     `weights`: for a model built on the meta device (no memory behind its parameters), a function from a
     parameter's full name ("model.layers.0.mlp.up_proj.weight") to its tensor, e.g. read from a safetensors
     file: each linear's weight (and bias) is read when its turn comes, quantized and dropped, so the dense
     model never exists (train.load_model(..., quantize=...) builds models this way).
     """
-    _check_layer_args(blocksize, backend, compute_dtype)
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    uses = _parameter_use_counts(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
+    _check_layer_args(blocksize, double_quant, compute_dtype, backend)
+    skip = _check_skip(skip)
+    if weights is not None and not callable(weights):
+        raise ValueError(f"weights must be a function from a parameter name to its tensor (for a dict: its "
+                         f".__getitem__), or None; got {describe(weights)}")
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not _matches(name, skip)]
     if targets and targets[0][0] == "":
         raise ValueError("model is itself an nn.Linear and cannot be replaced in place; "
                          "use Linear4bit.from_linear(model)")
+    _check_no_adapters(model, [name for name, _ in targets])
+    uses = _parameter_use_counts(model)
     for name, linear in targets:
         if linear.weight.is_meta:
             linear.weight = nn.Parameter(_read(weights, name + ".weight"), requires_grad=False)
@@ -405,6 +433,43 @@ def quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
     del targets
     _return_freed_memory()
     return model
+
+
+def _check_skip(skip) -> tuple[str, ...]:
+    skip = (skip,) if isinstance(skip, str) else skip
+    if skip is None or not isinstance(skip, Iterable):
+        raise ValueError(f"skip must be a module name or an iterable of them (e.g. ('lm_head',); () skips "
+                         f"nothing); got {describe(skip)}")
+    skip = tuple(skip)  # once: a generator is read here, not on every module
+    bad = [s for s in skip if not isinstance(s, str) or not s]
+    if bad:
+        raise ValueError(f"skip entries must be non-empty module names (str), e.g. 'lm_head'; got {describe(bad[0])}")
+    return skip
+
+
+def _check_no_adapters(model: nn.Module, targets: list[str]) -> None:
+    """Refuse to quantize LoRA adapters: frozen 4-bit lora_A/lora_B leave nothing to train or save."""
+    # Note: duck-typed (a module with `lora_A` and `lora_B` submodules) because quant does not import lora;
+    # it also catches PEFT's layers, whose lora_A/lora_B are ModuleDicts of nn.Linear.
+    hit = [name or type(model).__name__ for name, m in model.named_modules() if _is_lora_layer(m)
+           and any(_under(t, _join(name, "lora_A")) or _under(t, _join(name, "lora_B")) for t in targets)]
+    if hit:
+        raise ValueError(f"the model already has LoRA adapters ({len(hit)} layer{'s' * (len(hit) > 1)}, e.g. "
+                         f"{hit[0]!r}): quantizing would freeze their lora_A/lora_B in 4 bits, leaving nothing to "
+                         "train and an adapter that cannot be loaded. Call quant.quantize(model) before lora.inject "
+                         "or lora.load (PEFT: before get_peft_model)")
+
+
+def _is_lora_layer(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "lora_A", None), nn.Module) and isinstance(getattr(m, "lora_B", None), nn.Module)
+
+
+def _join(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _read(weights: Callable[[str], Tensor] | None, name: str) -> Tensor:

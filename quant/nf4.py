@@ -37,6 +37,8 @@ the oracle and the fallback. (A bf16 multiply would save a pass but double-round
 """
 from __future__ import annotations
 
+import reprlib
+
 import functools
 from dataclasses import dataclass, replace
 
@@ -125,7 +127,7 @@ def _dynamic_map_cpu() -> Tensor:
 
 def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> tuple[Tensor, NF4State]:
     """Quantize `w` (fp32/bf16/fp16, any shape) to NF4. Returns (packed uint8 [(n+1)//2, 1], state)."""
-    _check_quantize_args(w, blocksize)
+    _check_quantize_args(w, blocksize, double_quant)
     # Note: quantize in chunks of whole blocks. Only one chunk is ever held in fp32, so quantizing
     # a bf16 model does not need a second, fp32 copy of each weight; the bytes do not depend on the
     # chunking because every operation is per block.
@@ -148,9 +150,31 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> t
     return packed, state
 
 
-def _check_quantize_args(w: Tensor, blocksize: int) -> None:
+def describe(value) -> str:
+    """`the str '64'`: a wrong argument's type and value, for error messages (reprlib cuts a long repr)."""
+    return "None" if value is None else f"the {type(value).__name__} {reprlib.repr(value)}"
+
+
+def check_blocksize(blocksize) -> None:
+    # Note: the type test comes first because `in` compares with ==: 64.0 would pass as 64 (and break the
+    # integer block arithmetic later), and True is an int.
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise ValueError(f"blocksize must be an int, one of {SUPPORTED_BLOCKSIZES}; got {describe(blocksize)}")
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"blocksize={blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
+
+
+def check_double_quant(double_quant) -> None:
+    if not isinstance(double_quant, bool):  # a truthy "no" or 0.0 must not pick a file format silently
+        raise ValueError(f"double_quant must be True (store the absmax in 8 bits too, as QLoRA) or False; "
+                         f"got {describe(double_quant)}")
+
+
+def _check_quantize_args(w: Tensor, blocksize: int, double_quant: bool) -> None:
+    if not isinstance(w, Tensor):
+        raise ValueError(f"w must be a torch.Tensor (the weight to quantize); got {describe(w)}")
+    check_blocksize(blocksize)
+    check_double_quant(double_quant)
     if w.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"NF4 quantizes float32/bfloat16/float16 weights, got {w.dtype}; cast it first")
     if w.numel() == 0:

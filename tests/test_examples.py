@@ -317,7 +317,7 @@ def test_encoder_data_recipe_and_tokens():
     recipe = enc.make_recipe(args)
     assert recipe.mode == "qlora" and list(recipe.targets) == ["query", "key", "value", "dense"]
     assert enc.make_recipe(enc.get_parser().parse_args(["--full-finetune", "--out", "u"])).mode == "full"
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--few-shot"):
         enc.make_recipe(enc.get_parser().parse_args(["--few-shot", "4", "--out", "u"]))
     from train.task import SequenceClassificationTask
 

@@ -4,8 +4,9 @@ Classification rows are `{"text": str, "label": int}` (plus `language` for multi
 an index into `LABELS[name]`; SQuAD v2 rows are `{"id", "title", "context", "question", "answers": [str],
 "is_impossible": bool}`.
 
-Where the files are looked for, in order (the first folder that exists wins):
-    1. the `data_dir` argument                          (the dataset's own folder)
+Where the files are looked for:
+    1. the `data_dir` argument (the dataset's own folder). When given it is the ONLY place: a mistyped path
+       must fail, not quietly load another copy. With data_dir=None, in order (the first folder that exists wins):
     2. $LORA_DATA_DIR/<name>
     3. <repo root>/../shared/datasets/<name>            (the repo root is the folder holding train/)
     4. <cwd>/../shared/datasets/<name>
@@ -23,14 +24,19 @@ Splits. The files do not all ship the split we need, so some are made here, alwa
                            train / test (`test_fraction` of the articles), so no article is on both sides;
                            "validation" is the whole dev set. `squad_split_sizes()` says the sizes.
 `limit=N` returns a seeded random sample of N rows.
+
+Bad files. Every problem in a file is a ValueError (FileNotFoundError for a missing path) that names the file,
+the 1-based line (or the JSON path in SQuAD) and what was expected; nothing is skipped silently.
 """
 from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -54,6 +60,13 @@ LANGUAGES = ("arabic", "english", "french", "german", "hindi", "italian", "portu
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _ALIASES = {"val": "validation", "dev": "validation", "valid": "validation"}
+_FILES = {  # what a dataset's folder holds, for the error messages
+    "sst2": "train.tsv and dev.tsv (UTF-8, tab-separated, header 'sentence\\tlabel')",
+    "imdb": "train.csv.gz and test.csv.gz (gzip-compressed UTF-8 CSV, header 'text,label')",
+    "financial_phrasebank": "Sentences_<agreement>Agree.txt (one 'sentence@label' a line)",
+    "multilingual_sentiment": "a folder per language with {train,val,test}_text.txt and {train,val,test}_labels.txt",
+    "squad_v2": "dev-v2.0.json (UTF-8, the SQuAD v2 JSON layout)",
+}
 
 
 def label_names(name: str) -> list[str]:
@@ -79,22 +92,32 @@ def load_split(name: str, split: str, *, data_dir: str | os.PathLike | None = No
 
 def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path | str:
     """The folder holding `name`'s files, or "hub" when it may be downloaded; else FileNotFoundError."""
-    candidates = []
-    if data_dir is not None:
-        candidates.append(("data_dir argument", Path(data_dir)))
+    defaults = []
     if os.environ.get("LORA_DATA_DIR"):
-        candidates.append(("$LORA_DATA_DIR", Path(os.environ["LORA_DATA_DIR"]) / name))
-    candidates.append(("repo root", REPO_ROOT.parent / "shared" / "datasets" / name))
-    candidates.append(("cwd", Path.cwd().parent / "shared" / "datasets" / name))
-    for _, folder in candidates:
+        defaults.append(("$LORA_DATA_DIR", Path(os.environ["LORA_DATA_DIR"]) / name))
+    defaults.append(("repo root", REPO_ROOT.parent / "shared" / "datasets" / name))
+    defaults.append(("cwd", Path.cwd().parent / "shared" / "datasets" / name))
+    if data_dir is not None:
+        folder = Path(data_dir)
         if folder.is_dir():
             return folder
-    looked = [f"{why}: {folder}" for why, folder in candidates]
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"data_dir {folder} {state}; it should be the folder holding the {name} files: "
+                                f"{_FILES[name]}. Fix the path, or pass data_dir=None to use the default places:"
+                                "\n  " + _places(name, defaults))
+    for _, folder in defaults:
+        if folder.is_dir():
+            return folder
     if not _offline():
         return "hub"
-    looked.append(f"hub: {HUB[name]} (skipped: offline)")
-    raise FileNotFoundError(f"dataset {name!r} not found. Looked in:\n  " + "\n  ".join(looked)
+    raise FileNotFoundError(f"dataset {name!r} not found. Looked in:\n  " + _places(name, defaults)
                             + "\nPut the files in one of these folders or set LORA_DATA_DIR to their parent.")
+
+
+def _places(name: str, defaults: list[tuple[str, Path]]) -> str:
+    lines = [f"{why}: {folder}" + (" (exists)" if folder.is_dir() else "") for why, folder in defaults]
+    lines.append(f"hub: {HUB[name]}" + (" (skipped: offline)" if _offline() else ""))
+    return "\n  ".join(lines)
 
 
 def _offline() -> bool:
@@ -115,6 +138,64 @@ def _to_dataset(rows: list[dict]):
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]})
 
 
+def _need(split: str, allowed: Sequence[str], name: str) -> None:
+    if split not in allowed:
+        raise ValueError(f"{name} has splits {list(allowed)}, got {split!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading and checking files: every error names the file and the line
+
+def _data_file(source, fname: str, name: str) -> Path:
+    """source/fname, or a FileNotFoundError saying what the folder should hold."""
+    path = Path(source) / fname
+    if path.is_file():
+        return path
+    hint = ""
+    if (Path(source) / name).is_dir():  # the parent of the dataset folder was passed
+        hint = f"; the dataset seems to be in {Path(source) / name}: pass that folder as data_dir"
+    raise FileNotFoundError(f"{path} not found; the {name} folder should hold {_FILES[name]}{hint}")
+
+
+def _read_text(path: Path, fallback: str | None = None) -> str:
+    """The file (gunzipped if .gz) decoded as UTF-8 (a BOM is dropped), else as `fallback`, else a ValueError."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # bad header, truncated stream, corrupt data
+            raise ValueError(f"{path}: not a readable gzip file ({e}); expected a gzip-compressed CSV") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if fallback:
+            return raw.decode(fallback)
+        line = raw.count(b"\n", 0, e.start) + 1
+        of = " of the uncompressed data" if path.suffix == ".gz" else ""
+        raise ValueError(f"{path} line {line}: byte 0x{raw[e.start]:02x} at byte offset {e.start}{of} is not "
+                         "valid UTF-8; the file must be UTF-8 (re-save it with that encoding)") from None
+
+
+def _read_lines(path: Path, fallback: str | None = None) -> list[str]:
+    """Lines split on "\\n" only (str.splitlines would also split on U+0085/U+2028 inside a text)."""
+    lines = [line.removesuffix("\r") for line in _read_text(path, fallback).split("\n")]
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _check_header(path: Path, got: str | None, expected: str) -> None:
+    if got is None:
+        raise ValueError(f"{path} is empty; expected the header row {expected!r}, then one row per example")
+    if got != expected:
+        raise ValueError(f"{path} line 1: expected the header row {expected!r}, got {got[:80]!r}; if line 1 is "
+                         "already data, add the header above it (line 1 is always read as the header)")
+
+
+def _row(text: str, label, name: str, where: str) -> dict:
+    if not text.strip():
+        raise ValueError(f"{where}: the text is empty")
+    return {"text": text, "label": _check_label(label, name, where, text)}
+
+
 def _check_label(label, name: str, where: str, text: str) -> int:
     """The label as an int index into LABELS[name]; a ValueError naming the row otherwise."""
     names = LABELS[name]
@@ -128,21 +209,8 @@ def _check_label(label, name: str, where: str, text: str) -> int:
         value = -1
     if 0 <= value < len(names) and str(label).strip() in (str(value), f"{value}.0"):
         return value
-    raise ValueError(f"{where}: label {label!r} is not in the label set {names} "
-                     f"(ids 0..{len(names) - 1}); text: {text[:80]!r}")
-
-
-def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
-    """Lines split on "\\n" only (str.splitlines would also split on U+0085/U+2028 inside a text)."""
-    with open(path, encoding=encoding, newline="") as f:
-        lines = f.read().split("\n")
-    lines = [line.removesuffix("\r") for line in lines]
-    return lines[:-1] if lines and lines[-1] == "" else lines
-
-
-def _need(split: str, allowed: Sequence[str], name: str) -> None:
-    if split not in allowed:
-        raise ValueError(f"{name} has splits {list(allowed)}, got {split!r}")
+    raise ValueError(f"{where}: label {label!r} is not one of {names} (or their ids 0..{len(names) - 1}); "
+                     f"text: {text[:80]!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,12 +228,15 @@ def _load_sst2(source, split: str, *, seed: int) -> list[dict]:
         return [{"text": r["sentence"].strip(),
                  "label": _check_label(r["label"], "sst2", f"hub row {i}", r["sentence"])}
                 for i, r in enumerate(raw)]
-    fname = "train.tsv" if split == "train" else "dev.tsv"
-    lines = _read_lines(Path(source) / fname)
+    path = _data_file(source, "train.tsv" if split == "train" else "dev.tsv", "sst2")
+    lines = _read_lines(path)
+    _check_header(path, lines[0] if lines else None, "sentence\tlabel")
     rows = []
-    for lineno, line in enumerate(lines[1:], start=2):  # line 1 is the header "sentence\tlabel"
-        text, _, label = line.rpartition("\t")
-        rows.append({"text": text.strip(), "label": _check_label(label, "sst2", f"sst2/{fname} line {lineno}", text)})
+    for lineno, line in enumerate(lines[1:], start=2):
+        text, tab, label = line.rpartition("\t")
+        if not tab:
+            raise ValueError(f"{path} line {lineno}: no tab; expected 'sentence<TAB>label', got {line[:80]!r}")
+        rows.append(_row(text.strip(), label, "sst2", f"{path} line {lineno}"))
     return rows
 
 
@@ -175,29 +246,47 @@ def _load_sst2(source, split: str, *, seed: int) -> list[dict]:
 def _load_imdb(source, split: str, *, seed: int, test_size: int | None = 2500) -> list[dict]:
     _need(split, ("train", "test"), "imdb")
     if source == "hub":
-        raw = [(r["text"], r["label"]) for r in _hub("imdb", None, split)]
+        rows = [{"text": r["text"], "label": _check_label(r["label"], "imdb", f"hub row {i}", r["text"])}
+                for i, r in enumerate(_hub("imdb", None, split))]
+        what = f"{HUB['imdb']} {split}"
     else:
-        with gzip.open(Path(source) / f"{split}.csv.gz", "rt", encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader)
-            if header != ["text", "label"]:
-                raise ValueError(f"imdb/{split}.csv.gz: expected header text,label, got {header}")
-            raw = [(t, y) for t, y in reader]
-    rows = [{"text": t, "label": _check_label(y, "imdb", f"imdb/{split} row {i}", t)} for i, (t, y) in enumerate(raw)]
+        path = _data_file(source, f"{split}.csv.gz", "imdb")
+        rows = [_row(text, label, "imdb", f"{path} line {n}") for text, label, n in _read_imdb_csv(path)]
+        what = str(path)
     rng = np.random.default_rng(seed)
     if split == "test" and test_size is not None:
-        rows = _balanced_sample(rows, test_size, 2, rng)
+        rows = _balanced_sample(rows, test_size, 2, rng, what)
     return [rows[i] for i in rng.permutation(len(rows))]  # the file is sorted neg -> pos
 
 
-def _balanced_sample(rows: list[dict], size: int, n_classes: int, rng) -> list[dict]:
+def _read_imdb_csv(path: Path) -> list[tuple[str, str, int]]:
+    """(text, label, line the row starts on) of every row under the header; the texts may span lines."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)  # strict: no silent repairs
+    out, start = [], 1
+    try:
+        header = next(reader, None)
+        _check_header(path, None if header is None else ",".join(header), "text,label")
+        start = reader.line_num + 1
+        for record in reader:
+            if len(record) != 2:
+                raise ValueError(f"{path} line {start}: expected 2 fields (text,label), got {len(record)}: "
+                                 f"{','.join(record)[:80]!r}")
+            out.append((record[0], record[1], start))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{path}: malformed CSV in the row starting at line {start} ({e})") from None
+    return out
+
+
+def _balanced_sample(rows: list[dict], size: int, n_classes: int, rng, what: str) -> list[dict]:
     if size % n_classes:
         raise ValueError(f"a balanced sample needs a size divisible by {n_classes}, got {size}")
     out = []
     for c in range(n_classes):
         idx = [i for i, r in enumerate(rows) if r["label"] == c]
         if len(idx) < size // n_classes:
-            raise ValueError(f"class {c} has {len(idx)} rows, fewer than {size // n_classes}")
+            raise ValueError(f"{what}: class {c} has {len(idx)} rows, fewer than the {size // n_classes} a "
+                             f"balanced test_size={size} needs; pass a smaller test_size (or None for all rows)")
         out += [rows[idx[j]] for j in sorted(rng.choice(len(idx), size // n_classes, replace=False))]
     return out
 
@@ -211,18 +300,28 @@ def read_phrasebank(source, agreement: str = "50") -> list[dict]:
         raw = [(r["sentence"], r["label"], f"hub row {i}")
                for i, r in enumerate(_hub("financial_phrasebank", f"sentences_{agreement}agree", "train"))]
     else:
-        fname = f"Sentences_{agreement}Agree.txt"
-        lines = _read_lines(Path(source) / fname, encoding="latin-1")
-        raw = []
-        for lineno, line in enumerate(lines, start=1):
-            text, sep, label = line.rpartition("@")  # split on the LAST "@": sentences may contain "@"
-            if not sep:
-                raise ValueError(f"financial_phrasebank/{fname} line {lineno}: no '@label' in {line[:80]!r}")
-            raw.append((text, label, f"financial_phrasebank/{fname} line {lineno}"))
+        raw = _read_phrasebank_file(_data_file(source, f"Sentences_{agreement}Agree.txt", "financial_phrasebank"))
     by_text: dict[str, set[int]] = {}
     for text, label, where in raw:
-        by_text.setdefault(text.strip(), set()).add(_check_label(label, "financial_phrasebank", where, text))
+        row = _row(text.strip(), label, "financial_phrasebank", where)
+        by_text.setdefault(row["text"], set()).add(row["label"])
     return [{"text": t, "label": next(iter(ls))} for t, ls in by_text.items() if len(ls) == 1]
+
+
+def _read_phrasebank_file(path: Path) -> list[tuple[str, str, str]]:
+    # The release is latin-1 (never valid UTF-8); UTF-8 re-encodings circulate too (SOURCE.md), and reading
+    # those as latin-1 would turn every accent into mojibake, so UTF-8 is tried first.
+    lines = _read_lines(path, fallback="latin-1")
+    if not lines:
+        raise ValueError(f"{path} is empty; expected one 'sentence@label' a line")
+    raw = []
+    for lineno, line in enumerate(lines, start=1):
+        text, sep, label = line.rpartition("@")  # split on the LAST "@": sentences may contain "@"
+        if not sep:
+            raise ValueError(f"{path} line {lineno}: no '@label' at the end of {line[:80]!r}; "
+                             "expected 'sentence@label'")
+        raw.append((text, label, f"{path} line {lineno}"))
+    return raw
 
 
 def _load_phrasebank(source, split: str, *, seed: int, agreement: str = "50", n_test_per_class: int = 300,
@@ -251,26 +350,39 @@ def _load_multilingual(source, split: str, *, seed: int, languages: str | Sequen
     unknown = sorted(set(langs) - set(LANGUAGES))
     if unknown or not langs:
         raise ValueError(f"languages must be 'all' or a non-empty subset of {list(LANGUAGES)}, got {languages!r}")
-    fsplit = "val" if split == "validation" else split
     rows = []
     for lang in langs:
         if source == "hub":
-            pairs = [(r["text"], r["label"]) for r in _hub("multilingual_sentiment", lang, split)]
+            triples = [(r["text"], r["label"], f"hub {lang} row {i}")
+                       for i, r in enumerate(_hub("multilingual_sentiment", lang, split))]
         else:
-            folder = Path(source) / lang
-            texts, labels = _read_lines(folder / f"{fsplit}_text.txt"), _read_lines(folder / f"{fsplit}_labels.txt")
-            if len(texts) != len(labels):
-                raise ValueError(f"{folder}: {len(texts)} texts but {len(labels)} labels in split {fsplit}")
-            pairs = list(zip(texts, labels))
-        for i, (text, label) in enumerate(pairs):
-            where = f"multilingual_sentiment/{lang}/{fsplit} line {i + 1}"
+            triples = _read_multilingual(source, lang, "val" if split == "validation" else split)
+        for text, label, where in triples:
             rows.append({"text": text.strip(), "label": _check_label(label, "multilingual_sentiment", where, text),
                          "language": lang})
     return rows
 
 
+def _read_multilingual(source, lang: str, fsplit: str) -> list[tuple[str, str, str]]:
+    """(text, label, where) of one language: line i of <split>_labels.txt is the label of <split>_text.txt's."""
+    text_path = _data_file(source, f"{lang}/{fsplit}_text.txt", "multilingual_sentiment")
+    label_path = _data_file(source, f"{lang}/{fsplit}_labels.txt", "multilingual_sentiment")
+    texts, labels = _read_lines(text_path), _read_lines(label_path)
+    if len(texts) != len(labels):
+        raise ValueError(f"{text_path} has {len(texts)} lines but {label_path} has {len(labels)}; "
+                         "they must pair up line by line")
+    for lineno, text in enumerate(texts, start=1):
+        if not text.strip():
+            raise ValueError(f"{text_path} line {lineno}: the text is empty")
+    return [(text, label, f"{label_path} line {i}") for i, (text, label) in enumerate(zip(texts, labels), start=1)]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # squad_v2
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
+               float: "a number", type(None): "null"}
+
 
 def read_squad(source) -> list[dict]:
     """Every question of the SQuAD v2 dev set, flattened, in file order."""
@@ -278,16 +390,52 @@ def read_squad(source) -> list[dict]:
         return [{"id": r["id"], "title": r["title"], "context": r["context"], "question": r["question"],
                  "answers": list(r["answers"]["text"]), "is_impossible": not r["answers"]["text"]}
                 for r in _hub("squad_v2", None, "validation")]
-    with open(Path(source) / "dev-v2.0.json", encoding="utf-8") as f:
-        articles = json.load(f)["data"]
+    path = _data_file(source, "dev-v2.0.json", "squad_v2")
+    text = _read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path} is empty; expected the SQuAD v2 JSON (an object with a 'data' array)")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        truncated = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")  # open at the end
+        cut = " (the file ends before the JSON does: truncated?)" if truncated else ""
+        msg = e.msg.removesuffix(" starting at")  # the position follows in our own words
+        raise ValueError(f"{path} line {e.lineno}, column {e.colno}: invalid JSON: {msg}{cut}") from None
     rows = []
-    for art in articles:
-        for par in art["paragraphs"]:
-            for qa in par["qas"]:
-                rows.append({"id": qa["id"], "title": art["title"], "context": par["context"],
-                             "question": qa["question"], "answers": [a["text"] for a in qa["answers"]],
-                             "is_impossible": bool(qa.get("is_impossible", not qa["answers"]))})
+    for a, art in enumerate(_field(doc, "data", list, path, "the top level")):
+        title = _field(art, "title", str, path, f"data[{a}]")
+        for p, par in enumerate(_field(art, "paragraphs", list, path, f"data[{a}]")):
+            at = f"data[{a}].paragraphs[{p}]"
+            context = _field(par, "context", str, path, at)
+            rows += [_squad_row(qa, title, context, path, f"{at}.qas[{q}]")
+                     for q, qa in enumerate(_field(par, "qas", list, path, at))]
     return rows
+
+
+def _squad_row(qa, title: str, context: str, path: Path, at: str) -> dict:
+    answers = [_field(ans, "text", str, path, f"{at}.answers[{i}]")
+               for i, ans in enumerate(_field(qa, "answers", list, path, at))]
+    impossible = qa.get("is_impossible", not answers)
+    if not isinstance(impossible, bool):
+        raise ValueError(f"{path}: {at}.is_impossible should be true/false, got {impossible!r}")
+    if impossible == bool(answers):
+        raise ValueError(f"{path}: {at} has is_impossible={str(impossible).lower()} but {len(answers)} answers; "
+                         "an unanswerable question has none, an answerable one at least one")
+    return {"id": _field(qa, "id", str, path, at), "title": title, "context": context,
+            "question": _field(qa, "question", str, path, at), "answers": answers, "is_impossible": impossible}
+
+
+def _field(obj, key: str, kind: type, path: Path, at: str):
+    """obj[key], checked to be of `kind`; `at` is the JSON path of obj, for the message."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {at} should be an object, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}")
+    if key not in obj:
+        raise ValueError(f"{path}: {at} has no {key!r}; expected the SQuAD v2 layout {{'data': [{{'title', "
+                         "'paragraphs': [{'context', 'qas': [{'id', 'question', 'answers': [{'text'}]}]}]}]}")
+    if not isinstance(obj[key], kind):
+        raise ValueError(f"{path}: {at}.{key} should be {_JSON_TYPES[kind]}, "
+                         f"got {_JSON_TYPES.get(type(obj[key]), type(obj[key]).__name__)}")
+    return obj[key]
 
 
 def squad_test_titles(titles: Sequence[str], seed: int = 0, test_fraction: float = 0.3) -> set[str]:

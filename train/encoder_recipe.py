@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,8 @@ import quant
 
 from .distributed import is_main
 from .models import load_model
-from .recipe import append_markdown, evaluate, fit_classifier, peak_rss_mb, pick_dtype, _prediction_rows, _say
+from .recipe import (append_markdown, evaluate, export_merged, fit_classifier, peak_rss_mb, pick_dtype,
+                     _prediction_rows, _say)
 from .report import write_report
 from .task import SequenceClassificationTask
 
@@ -126,7 +126,7 @@ def run_encoder(recipe: EncoderRecipe, train_rows: Sequence[dict], test_rows: Se
     save_trained(model, tokenizer, out, recipe, label_names)
     examples = predict_texts(task, model, new_texts, label_names, recipe.eval_batch_size)
     if recipe.export_merged:
-        export(model, tokenizer, recipe, recipe.export_merged)
+        export_merged(model, tokenizer, recipe.export_merged)
 
     summary = {
         "mode": recipe.mode,
@@ -155,22 +155,11 @@ def save_trained(model, tokenizer, out: Path, recipe: EncoderRecipe, label_names
             "dtype": "fp32" if recipe.mode == "full" else recipe.dtype,
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant,
                       "skip": list(recipe.modules_to_save)} if recipe.mode == "qlora" else None}
+    task_json = {"task.json": json.dumps(meta, indent=2) + "\n"}
     if recipe.mode == "full":
-        folder = out / "model"
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        export_merged(model, tokenizer, out / "model", extra_files=task_json)
     else:
-        folder = lora.save(model, out / "adapter", base_model_name_or_path=recipe.model)
-    tmp = Path(folder) / "task.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, Path(folder) / "task.json")
-
-
-def export(model, tokenizer, recipe: EncoderRecipe, path) -> None:
-    """A plain HF checkpoint: adapters folded into dequantized weights (LoRA modes), or the model itself."""
-    merged = model if recipe.mode == "full" else lora.merge_and_unload(model)
-    merged.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+        lora.save(model, out / "adapter", base_model_name_or_path=recipe.model, extra_files=task_json)
 
 
 def predict_texts(task, model, texts: Sequence[str], label_names, batch_size: int) -> list[dict]:

@@ -21,6 +21,8 @@ import math
 import os
 from pathlib import Path
 
+from lora.atomic import atomic_file
+
 TRAIN_COLUMNS = ["step", "epoch", "loss", "loss_mean", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
 
 
@@ -72,12 +74,10 @@ def _write_csv(path: Path, rows: list[dict], first: list[str]) -> None:
     columns = list(first)
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot_curves(train: list[dict], evals: list[dict], path: str | os.PathLike) -> None:
@@ -103,7 +103,8 @@ def plot_curves(train: list[dict], evals: list[dict], path: str | os.PathLike) -
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 

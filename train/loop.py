@@ -24,11 +24,13 @@ global micro-batch. With a length_fn the permutation is cut into mega-chunks of 
 length, and the batches are then shuffled (the idea of HF's LengthGroupedSampler). Micro-batches form one
 stream across epochs, so resuming needs only the step: position = step x grad_accum.
 
-Checkpoints hold what resuming needs and nothing frozen: the trainable parameters (safetensors), the AdamW
-state, the RNG states (torch, CUDA, numpy, python), the step and the log rows. The lr is a function of the step,
-so there is no scheduler object to save. Each checkpoint is written to a temp folder, renamed, and only then
-named in `out_dir/latest`; a crash at any point leaves the previous checkpoint valid. `resume=True` continues
-from `latest` (or starts fresh when there is none) and on CPU reproduces the uninterrupted loss curve exactly.
+Checkpoints (train/resume.py) hold what resuming needs and nothing frozen: the trainable parameters, the AdamW
+state, the RNG states, the step, the run's settings and the log rows, in safetensors and JSON (no pickle). The lr
+is a function of the step, so there is no scheduler object to save. A checkpoint folder appears complete or not
+at all, so a kill at any moment leaves the previous one valid. `resume=True` continues from the newest complete
+checkpoint (or starts fresh in an empty out_dir), refuses a run with other settings, and on CPU reproduces the
+uninterrupted loss curve exactly. Every config value is checked by type and range up front, and the trainable
+weights are checked finite after each update, before anything is saved.
 eval_fn runs with the RNG state saved and restored, so evaluating does not change the training run.
 
 Data parallel (torchrun --nproc_per_node N): fit joins the process group (gloo on CPU, nccl on GPU) and leaves
@@ -43,11 +45,8 @@ on most CPUs); "bf16" asks for it anywhere; "fp32" never. The model's own dtypes
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -55,21 +54,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing, is_gradient_checkpointing
 from .logging import RunLog
+from .resume import (latest_checkpoint, load_checkpoint, resume_point, rng_state, save_checkpoint, seed_everything,
+                     set_rng_state)
 
 MEGA_BATCHES = 50   # batches per length-sorted chunk when grouping by length
+# The TrainConfig fields that decide the batches and the updates: a resume must share them (train/resume.py).
+RUN_SETTINGS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
+                "warmup_steps", "min_lr_ratio", "max_grad_norm", "seed", "precision")
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str                            # checkpoints, train_log.jsonl/.csv and train_curves.png go here
+    out_dir: str | os.PathLike              # checkpoints, train_log.jsonl/.csv and train_curves.png go here
     epochs: float = 1.0                     # passes over train_data (fractions allowed)
     max_steps: int | None = None            # cap on optimizer steps (None: epochs decide)
     batch_size: int = 8                     # micro-batch per process
@@ -92,6 +94,8 @@ class TrainConfig:
     tensorboard: bool = False               # also write TensorBoard events (needs the tensorboard package)
 
     def __post_init__(self):
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or None, got {self.max_steps}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -105,6 +109,7 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0,
                f"max_grad_norm must be > 0, or None for no clipping; got {self.max_grad_norm}")
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32) (numpy's range), got {self.seed}")
         _check(self.precision in ("auto", "bf16", "fp32"),
                f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r} "
                "(fp16 needs loss scaling, which this loop does not do: use 'bf16')")
@@ -206,13 +211,13 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
     device = params[0].device
     autocast = _autocast(config.precision, device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    data_key = {"n_examples": len(train_data), "batch_size": config.batch_size, "grad_accum": config.grad_accum,
-                "world_size": world, "seed": config.seed, "group_by_length": batches.lengths is not None}
+    run = {"n_examples": len(train_data), "world_size": world, "group_by_length": batches.lengths is not None,
+           "total_steps": total_steps, "warmup_steps": warmup, **{k: getattr(config, k) for k in RUN_SETTINGS}}
 
     # start fresh, or where the latest checkpoint left off
-    step, rows, elapsed0, ckpt = 0, [], 0.0, latest_checkpoint(out) if config.resume else None
+    step, rows, elapsed0, ckpt = 0, [], 0.0, resume_point(out) if config.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, data_key)
+        state = load_checkpoint(ckpt, model, optimizer, run)
         step, rows, elapsed0 = state["step"], state["rows"], state["elapsed_s"]
     else:
         seed_everything(config.seed)
@@ -222,12 +227,10 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
     distributed.broadcast_params(params)    # every rank starts from rank 0's adapters
     log = RunLog(out, enabled=main, rows=rows, tensorboard=config.tensorboard)
     saved_step = step if ckpt is not None else None
-    schedule = {"lr": config.lr, "warmup_steps": warmup, "total_steps": total_steps,
-                "min_lr_ratio": config.min_lr_ratio}
 
     def save(step: int) -> Path:
         elapsed = elapsed0 + time.perf_counter() - t_start
-        state = {"step": step, "elapsed_s": elapsed, "data": data_key, "schedule": schedule, "rows": log.rows}
+        state = {"step": step, "elapsed_s": elapsed, "run": run, "rows": log.rows}
         return save_checkpoint(out, model, optimizer, rng, state)
 
     added_ckpt = config.grad_checkpointing and not is_gradient_checkpointing(model)
@@ -270,6 +273,11 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
                 break
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not _all_finite(params):
+                stopped = "nan"
+                _say(f"the update of step {step + 1} made trainable weights NaN/Inf (lr {lr:.3g}): stopping "
+                     f"without saving; the last good checkpoint is {latest_checkpoint(out)}")
+                break
             step += 1
             rng = rng_state()
             final_loss = loss_value
@@ -344,87 +352,37 @@ def _evaluate(model, eval_fn, autocast, log: RunLog, step: int, epoch: float, ma
     distributed.barrier()
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(out: Path, model, optimizer, rng: dict, state: dict) -> Path:
-    """Writes out/checkpoint-STEP atomically and points out/latest at it; removes older checkpoints.
-
-    state: JSON-able, with "step"; the loop adds "elapsed_s", "data" (what fixes the batch order), "schedule"
-    (the lr is a function of the step, so this is all a scheduler would hold) and "rows" (the log so far).
-    """
-    step = state["step"]
-    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while saving
-    tmp.mkdir()
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng, tmp / "rng_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    for f in tmp.iterdir():
-        _fsync(f)
-    if final.exists():
-        shutil.rmtree(final)                # a leftover newer than `latest` (a crash before the pointer moved)
-    os.replace(tmp, final)                  # the folder appears complete or not at all
-    _write_atomic(out / "latest", final.name)
-    for old in out.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The checkpoint folder out/latest names, or None."""
-    pointer = Path(out) / "latest"
-    if not pointer.is_file():
-        return None
-    path = Path(out) / pointer.read_text().strip()
-    return path if path.is_dir() else None
-
-
-def load_checkpoint(path: Path, model, optimizer, data_key: dict) -> dict:
-    """Restores trainable parameters, AdamW state and RNG states; returns the trainer state."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved = state["data"]
-    _check(saved == data_key, f"{path} was written with {saved}, this run has {data_key}: the batch order would "
-                              "differ; use the same data and batch settings, or resume=False")
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    tensors = load_file(path / "trainable.safetensors")
-    _check(set(tensors) == set(named), f"{path} holds trainable parameters {sorted(set(tensors) ^ set(named))[:5]}"
-                                       " that do not match the model's: build the model the same way")
-    with torch.no_grad():
-        for name, p in named.items():
-            p.copy_(tensors[name])
-    device = next(iter(named.values())).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))   # our own file: numpy state inside
-    return state
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)                 # CUDA too
-
-
 # ----------------------------------------------------------------------------- small helpers
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    """`value` against a field's annotation ("int", "float | None", ...): bool is not an int, 2.5 is not an
+    int, and a float must be finite, so a typo fails here instead of steps later with an unrelated message."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        _check("None" in kinds, f"{name} must not be None")
+        return
+    if "bool" in kinds and isinstance(value, bool):
+        return
+    if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check(math.isfinite(value), f"{name} must be a finite number, got {value}")
+        return
+    if "str" in kinds and isinstance(value, str) or "os.PathLike" in kinds and isinstance(value, os.PathLike):
+        return
+    wanted = " or ".join(k for k in kinds if k != "None")
+    raise ValueError(f"{name} must be {wanted}{' or None' if 'None' in kinds else ''}, got "
+                     f"{type(value).__name__} {value!r}")
+
+
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """One reduction over every parameter's max |value| (NaN and Inf propagate), one host sync."""
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, math.inf))).all())
 
 
 def _check_loss(loss, stats) -> None:
@@ -471,22 +429,10 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def _say(message: str) -> None:
     if distributed.is_main():
         tqdm.write(message)
 
 
 __all__ = ["TrainConfig", "FitResult", "fit", "lr_multiplier", "epoch_batches", "MicroBatches", "save_checkpoint",
-           "load_checkpoint", "latest_checkpoint"]
+           "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state", "seed_everything"]

@@ -16,32 +16,88 @@ from typing import Sequence
 import lora
 import quant
 
+from .cli import user_errors
 from .models import load_model
 from .recipe import evaluate, pick_dtype
 from .task import ClassificationTask, SequenceClassificationTask
 
 TASK_FILE = "task.json"
+ENCODER = "sequence-classification"
+# the keys each kind of task.json must have (train.recipe / train.encoder_recipe write them all)
+REQUIRED = {None: ("model", "label_names", "label_words", "instruction"),
+            ENCODER: ("model", "mode", "label_names", "max_length")}
+WRITERS = {None: "train.recipe", ENCODER: "train.encoder_recipe"}
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 
 
 def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: bool = True):
     """(model, task, label_names) ready for task.predict_proba, from an adapter folder written by the recipe."""
     adapter_dir = Path(adapter_dir)
-    meta_path = adapter_dir / TASK_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: is {adapter_dir} an adapter written by train.recipe?")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_task(adapter_dir / TASK_FILE)
     torch_dtype = pick_dtype(dtype)
-    if meta.get("kind") == "sequence-classification":
+    if meta.get("kind") == ENCODER:
         return _load_encoder(adapter_dir, meta, torch_dtype, quantized)
     model, tokenizer = load_model(meta["model"], dtype=torch_dtype)
     if quantized:
-        quant.quantize(model, compute_dtype=torch_dtype, **meta.get("quant", {}))
+        quant.quantize(model, compute_dtype=torch_dtype, **(meta.get("quant") or {}))
     lora.load(model, adapter_dir)
     model.eval()
     task = ClassificationTask(tokenizer, meta["label_words"], instruction=meta["instruction"],
                               system=meta.get("system"), max_length=meta.get("max_length", 256),
                               keep=meta.get("keep", "head"))
     return model, task, meta["label_names"]
+
+
+def _read_json_object(path: Path) -> dict:
+    """task.json's object, or an error that names the file, what is wrong with it and what to do."""
+    folder, again = path.parent, "restore it or re-run the training that wrote it"
+    give = "give the adapter/ folder inside a training run's --out (model/ for a full fine-tune)"
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist: {give}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file: {give}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing, so {folder} was not written by train.recipe or "
+                                f"train.encoder_recipe: {give}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        where = f"{e.msg}: line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{path} is not valid JSON ({where}): {again}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): {again}") from None
+    if not isinstance(meta, dict):
+        got = _JSON_TYPES.get(type(meta), type(meta).__name__)
+        raise ValueError(f'{path} holds {got}, not a JSON object {{"model": ..., "label_names": [...], ...}}: '
+                         f"{again}")
+    return meta
+
+
+def _read_task(path: Path) -> dict:
+    """task.json checked for what load_classifier reads: its kind, the keys of that kind, the label lists."""
+    meta = _read_json_object(path)
+    kind = meta.get("kind")
+    if kind not in (None, ENCODER):                   # a tuple, not REQUIRED's keys: "kind" may be unhashable
+        raise ValueError(f'{path}: unknown "kind" {kind!r}; expected {ENCODER!r}, or no "kind" for a causal LM')
+    missing = [k for k in REQUIRED[kind] if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks the key(s) {', '.join(missing)} ({WRITERS[kind]} writes "
+                         f"{', '.join(REQUIRED[kind])}): add them or re-run the training")
+    _check_labels(path, meta)
+    return meta
+
+
+def _check_labels(path: Path, meta: dict) -> None:
+    """Label lists as the tasks need them: a string here would be read letter by letter, silently."""
+    for key in ("label_names", "label_words"):
+        value = meta.get(key)
+        ok = isinstance(value, list) and len(value) >= 2 and all(isinstance(v, str) for v in value)
+        if key in meta and not ok:
+            raise ValueError(f'{path}: "{key}" must be a list of two or more strings, got {value!r}')
+    if "label_words" in meta and len(meta["label_words"]) != len(meta["label_names"]):
+        raise ValueError(f'{path}: {len(meta["label_names"])} "label_names" but {len(meta["label_words"])} '
+                         '"label_words": give one word per label')
 
 
 def _load_encoder(folder: Path, meta: dict, compute_dtype, quantized: bool):
@@ -77,16 +133,24 @@ def evaluate_lengths(adapter_dir: str | Path, rows: Sequence[dict], lengths: Seq
     return out
 
 
+def _stdin_texts() -> list[str]:
+    """One text per non-blank line of stdin: a file piped in, or lines typed and ended with Ctrl-D."""
+    texts = [line.strip() for line in sys.stdin if line.strip()] if sys.stdin else []
+    if not texts:
+        raise ValueError("no texts: none given as arguments and stdin was empty (or only blank lines); "
+                         "give texts as arguments or one per line on stdin (... < texts.txt)")
+    return texts
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json, task.json, ...)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--dense", action="store_true", help="keep the backbone dense instead of NF4")
     p.add_argument("texts", nargs="*", help="texts to classify (default: one per line on stdin)")
     args = p.parse_args(argv)
-    texts = args.texts or [line.strip() for line in sys.stdin if line.strip()]
-    if not texts:
-        p.error("no texts given")
+    _read_task(Path(args.adapter) / TASK_FILE)      # a bad --adapter fails now, not after reading stdin
+    texts = args.texts or _stdin_texts()
     model, task, label_names = load_classifier(args.adapter, dtype=args.dtype, quantized=not args.dense)
     probs = task.predict_proba(model, texts)  # (N, C)
     for text, pr in zip(texts, probs):
@@ -95,4 +159,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

@@ -40,12 +40,13 @@ from torch import nn
 
 import lora
 import quant
+from lora.atomic import atomic_write
 
 from .loop import TrainConfig, fit
 from .metrics import exact_match, squad_metrics, token_f1
 from .models import load_model
 from .recipe import pick_dtype
-from .report import _atomic_write_text, write_report
+from .report import write_report
 from .task import GenerationTask
 
 
@@ -300,8 +301,8 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
          f"(greedy abstain: EM {rows['fine_tuned_greedy']['exact']:.2f}; always abstain: "
          f"EM {rows['always_abstain']['exact']:.2f})")
 
-    lora.save(model, out / "adapter", base_model_name_or_path=recipe.model)
-    _write_task_meta(out / "adapter", recipe, tuned)
+    lora.save(model, out / "adapter", base_model_name_or_path=recipe.model,
+              extra_files={"qa_task.json": _task_json(recipe, tuned)})
     examples = answer_new(task, model, new_examples, recipe, threshold, tuned["by"])
     elapsed = time.perf_counter() - t_start
     summary = {
@@ -327,7 +328,7 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
     write_report(out, rows=rows, predictions=prediction_rows(test_rows, zero_shot, fine_tuned, greedy,
                                                              scored["fine_tuned"], tuned["by"]),
                  config=dataclasses.asdict(recipe), extra=summary, elapsed=elapsed)
-    _atomic_write_text(out / "results.md", results_markdown(rows, summary, elapsed))
+    atomic_write(out / "results.md", results_markdown(rows, summary, elapsed))
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -471,14 +472,14 @@ def _greedy_em(task: GenerationTask, scored: Sequence[dict], rows: Sequence[dict
     return squad_metrics(_by_id(rows, [task.decide(s) for s in scored]), rows)["exact"]
 
 
-def _write_task_meta(adapter_dir: Path, recipe: QARecipe, tuned: dict) -> None:
+def _task_json(recipe: QARecipe, tuned: dict) -> str:
     """qa_task.json beside the adapter: the prompt and the abstain rule a reader needs to reuse it."""
     meta = {"model": recipe.model, "system": recipe.system, "instruction": recipe.instruction,
             "unanswerable": recipe.unanswerable, "max_length": recipe.max_length,
             "max_new_tokens": recipe.max_new_tokens, "abstain": recipe.abstain, "abstain_by": tuned["by"],
             "abstain_threshold": tuned["threshold"],
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}}
-    _atomic_write_text(adapter_dir / "qa_task.json", json.dumps(meta, indent=2) + "\n")
+    return json.dumps(meta, indent=2) + "\n"
 
 
 def _say(msg: str) -> None:

@@ -29,12 +29,13 @@ import torch
 
 import lora
 import quant
+from lora.atomic import atomic_dir, atomic_write
 
 from .distributed import is_main
 from .loop import FitResult, TrainConfig, fit
 from .metrics import classification_metrics
 from .models import load_model
-from .report import _atomic_write_text, write_report
+from .report import write_report
 from .task import ClassificationTask, cut
 
 
@@ -219,8 +220,8 @@ def run_classification(
     test_truncated = eval_task.n_truncated - truncated_before
     if not is_main():
         return rows
-    lora.save(model, out / "adapter", base_model_name_or_path=recipe.model)
-    _write_task_meta(out / "adapter", recipe, label_names)
+    lora.save(model, out / "adapter", base_model_name_or_path=recipe.model,
+              extra_files={"task.json": _task_json(recipe, label_names)})
     examples = []
     if new_texts:
         p = eval_task.predict_proba(model, list(new_texts), batch_size=recipe.eval_batch_size)
@@ -299,26 +300,30 @@ def group_markdown(rows: dict[str, dict], group_key: str) -> str:
 def append_markdown(out: Path, section: str) -> None:
     """Adds a section to out/results.md (atomically, like the rest of the report)."""
     path = Path(out) / "results.md"
-    _atomic_write_text(path, path.read_text(encoding="utf-8") + "\n" + section)
+    atomic_write(path, path.read_text(encoding="utf-8") + "\n" + section)
 
 
-def export_merged(model, tokenizer, path: str | os.PathLike) -> None:
-    """Writes a plain HF checkpoint (dense weights, adapters folded in) that from_pretrained loads."""
-    merged = lora.merge_and_unload(model)
-    merged.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+def export_merged(model, tokenizer, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
+    """Writes a plain HF checkpoint (dense weights, adapters folded in) that from_pretrained loads, as a folder
+    replaced as a whole (lora.atomic): a kill while writing leaves the previous export. A model without
+    adapters is saved as it is."""
+    has_lora = any(isinstance(m, lora.LoRALinear) for m in model.modules())
+    merged = lora.merge_and_unload(model) if has_lora else model
+    with atomic_dir(path) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
 
 
-def _write_task_meta(adapter_dir: Path, recipe: ClassificationRecipe, label_names) -> None:
+def _task_json(recipe: ClassificationRecipe, label_names) -> str:
     """task.json beside the adapter: what train.predict needs to rebuild the same prompt."""
     meta = {"model": recipe.model, "label_names": list(label_names), "label_words": list(recipe.label_words),
             "instruction": recipe.instruction, "system": recipe.system,
             "max_length": recipe.test_max_length,
             "keep": recipe.keep,
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}}
-    tmp = adapter_dir / "task.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, adapter_dir / "task.json")
+    return json.dumps(meta, indent=2) + "\n"
 
 
 def _balanced_shots(rows: Sequence[dict], k: int, n_classes: int, seed: int) -> list[tuple[str, int]]:

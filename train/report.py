@@ -5,8 +5,8 @@
 level (so `metrics["fine_tuned"]["accuracy"]` works), plus `elapsed_s`, `label_names` and `config`.
 results.md is a table, one line per row: zero-shot first, then few-shot, then fine-tuned, then the rest.
 
-Every file is written to a temp file beside its target and moved into place with os.replace, so a reader
-never sees half a report, and a crash leaves the previous one intact.
+Every file is written with lora.atomic (a temp file beside its target, fsynced, moved into place), so a reader
+never sees half a report, and a kill leaves the previous one intact.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from lora.atomic import atomic_file, atomic_write
 
 _CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("accuracy_ci95", "95% CI"), ("precision_macro", "macro P"),
                            ("recall_macro", "macro R"), ("f1_macro", "macro F1"), ("roc_auc", "AUC"), ("n", "n"),
@@ -40,10 +41,10 @@ def write_report(out_dir: str | os.PathLike, *, rows: dict[str, dict], predictio
     summary = {**{n: rows[n] for n in names},
                "elapsed_s": None if elapsed is None else round(float(elapsed), 2),
                "label_names": list(label_names), **(extra or {}), "config": _plain(config)}
-    _atomic_write_text(out / "metrics.json", json.dumps(_plain(summary), indent=2, default=str) + "\n")
-    _atomic_write_text(out / "results.md", results_markdown(rows, label_names, elapsed))
+    atomic_write(out / "metrics.json", json.dumps(_plain(summary), indent=2, default=str) + "\n")
+    atomic_write(out / "results.md", results_markdown(rows, label_names, elapsed))
     if predictions:
-        _atomic_write_text(out / "predictions.csv", _csv(predictions))
+        atomic_write(out / "predictions.csv", _csv(predictions))
     for name in names:
         if "confusion_matrix" in rows[name]:
             plot_confusion(rows[name], out / f"confusion_{name}.png", title=name.replace("_", " "))
@@ -98,7 +99,7 @@ def plot_confusion(metrics: dict, path: Path, title: str = "") -> None:
     acc = metrics.get("accuracy")
     ax.set_title(f"{title} (acc {acc:.3f})" if acc is not None else title)
     fig.tight_layout()
-    with _atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
@@ -140,27 +141,3 @@ def _csv(records: Sequence[dict]) -> str:
     writer.writeheader()
     writer.writerows(records)
     return buf.getvalue()
-
-
-class _atomic_path:
-    """with _atomic_path(final) as tmp: write tmp; on success it replaces final, on error it is removed."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")

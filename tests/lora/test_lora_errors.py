@@ -8,7 +8,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import lora
-from lora import LoRALinear
+from lora import LoraConfig, LoRALinear
 from tiny import tiny_llama
 
 
@@ -16,22 +16,106 @@ def n_lora(model):
     return sum(isinstance(m, LoRALinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    pytest.param({"r": 0}, r"r must be a positive integer.*got 0", id="r-zero"),
-    pytest.param({"r": -4}, r"r must be a positive integer.*got -4", id="r-negative"),
-    pytest.param({"r": 2.5}, r"r must be a positive integer.*got 2.5", id="r-float"),
-    pytest.param({"alpha": 0}, r"alpha must be > 0.*got 0", id="alpha-zero"),
-    pytest.param({"alpha": -1.0}, r"alpha must be > 0.*got -1.0", id="alpha-negative"),
-    pytest.param({"dropout": 1.0}, r"dropout must be in \[0, 1\).*got 1.0", id="dropout-one"),
-    pytest.param({"dropout": -0.1}, r"dropout must be in \[0, 1\).*got -0.1", id="dropout-negative"),
-    pytest.param({"targets": []}, r"targets must be a non-empty list", id="targets-empty"),
-    pytest.param({"targets": "(q_proj"}, r"not a valid regex", id="targets-bad-regex"),
-])
-def test_bad_hyperparameters_raise_and_leave_model_untouched(kwargs, message):
+NAN, INF = float("nan"), float("inf")
+# Anchored: inject's messages use its own argument names (alpha, dropout), not LoraConfig's (lora_alpha, ...).
+RANK = r"r must be a positive integer \(the adapter rank, e.g. 8\); got "
+ALPHA = r"^alpha must be a finite number > 0 \(scaling = alpha / r; .*\); got "
+DROPOUT = r"^dropout must be a number in \[0, 1\) \(a probability; 0 disables it\); got "
+RSLORA = r"^use_rslora must be True \(.*\) or False \(alpha / r\); got "
+TARGETS = (r"^targets must be a non-empty list of module names \(e.g. \['q_proj', 'v_proj'\]\), a regex string, "
+           r"or 'all-linear'; got ")
+SAVE = r"^modules_to_save must be None or a list of module names \(e.g. \['classifier'\]\); got "
+BAD_ARGUMENTS = [
+    pytest.param({"r": 0}, RANK + "the int 0$", id="r-zero"),
+    pytest.param({"r": -4}, RANK + "the int -4$", id="r-negative"),
+    pytest.param({"r": 2.5}, RANK + "the float 2.5$", id="r-float"),
+    pytest.param({"r": 8.0}, RANK + "the float 8.0$", id="r-whole-float"),
+    pytest.param({"r": True}, RANK + "the bool True$", id="r-bool"),
+    pytest.param({"r": INF}, RANK + "the float inf$", id="r-inf"),
+    pytest.param({"r": NAN}, RANK + "the float nan$", id="r-nan"),
+    pytest.param({"r": "8"}, RANK + "the str '8'$", id="r-str"),
+    pytest.param({"alpha": 0}, ALPHA + "the int 0$", id="alpha-zero"),
+    pytest.param({"alpha": -1.0}, ALPHA + "the float -1.0$", id="alpha-negative"),
+    pytest.param({"alpha": NAN}, ALPHA + "the float nan$", id="alpha-nan"),
+    pytest.param({"alpha": INF}, ALPHA + "the float inf$", id="alpha-inf"),
+    pytest.param({"alpha": True}, ALPHA + "the bool True$", id="alpha-bool"),
+    pytest.param({"alpha": "16"}, ALPHA + "the str '16'$", id="alpha-str"),
+    pytest.param({"alpha": None}, ALPHA + "None$", id="alpha-none"),
+    pytest.param({"dropout": 1.0}, DROPOUT + "the float 1.0$", id="dropout-one"),
+    pytest.param({"dropout": -0.1}, DROPOUT + "the float -0.1$", id="dropout-negative"),
+    pytest.param({"dropout": NAN}, DROPOUT + "the float nan$", id="dropout-nan"),
+    pytest.param({"dropout": INF}, DROPOUT + "the float inf$", id="dropout-inf"),
+    pytest.param({"dropout": True}, DROPOUT + "the bool True$", id="dropout-bool"),
+    pytest.param({"dropout": "0.1"}, DROPOUT + "the str '0.1'$", id="dropout-str"),
+    pytest.param({"use_rslora": "yes"}, RSLORA + "the str 'yes'$", id="rslora-str"),
+    pytest.param({"use_rslora": 1}, RSLORA + "the int 1$", id="rslora-int"),
+    pytest.param({"use_rslora": None}, RSLORA + "None$", id="rslora-none"),
+    pytest.param({"targets": []}, TARGETS + r"the list \[\]$", id="targets-empty"),
+    pytest.param({"targets": ""}, TARGETS + "the str ''$", id="targets-empty-str"),
+    pytest.param({"targets": None}, TARGETS + "None$", id="targets-none"),
+    pytest.param({"targets": 5}, TARGETS + "the int 5$", id="targets-int"),
+    pytest.param({"targets": ["q_proj", 3]}, r"targets entries must be module names \(non-empty str, e.g. 'q_proj'\); "
+                                             r"got the int 3$", id="targets-int-entry"),
+    pytest.param({"targets": [""]}, r"targets entries must be module names .*; got the str ''$",
+                 id="targets-empty-name"),
+    pytest.param({"targets": "(q_proj"}, r"targets '\(q_proj' is not a valid regex", id="targets-bad-regex"),
+    pytest.param({"modules_to_save": 5}, SAVE + "the int 5$", id="save-int"),
+    pytest.param({"modules_to_save": {"lm_head": 1}}, SAVE + "the dict", id="save-dict"),
+    pytest.param({"modules_to_save": [None]}, r"modules_to_save entries must be module names .*; got None$",
+                 id="save-none-entry"),
+    pytest.param({"compute_dtype": "fp16"}, r"compute_dtype must be None or 'fp32' .* or 'base' .*; "
+                                            r"got the str 'fp16'$", id="compute_dtype-str"),
+    pytest.param({"compute_dtype": torch.bfloat16}, r"compute_dtype must be None .*; got the dtype torch.bfloat16$",
+                 id="compute_dtype-torch"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_ARGUMENTS)
+def test_bad_arguments_raise_and_leave_model_untouched(kwargs, message):
     model = tiny_llama()
     with pytest.raises(ValueError, match=message):
         lora.inject(model, **kwargs)
     assert n_lora(model) == 0 and all(p.requires_grad for p in model.parameters())
+    assert not hasattr(model, "lora_config")
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({"r": 1, "alpha": 1, "dropout": 0, "use_rslora": True}, id="smallest-ints"),
+    pytest.param({"alpha": 0.5, "dropout": 0.999, "targets": ("q_proj",), "modules_to_save": "lm_head"},
+                 id="float-alpha-tuple-targets-one-saved-name"),
+])
+def test_good_edge_arguments_pass(kwargs):
+    assert n_lora(lora.inject(tiny_llama(), **kwargs)) > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param({"lora_alpha": NAN}, r"^lora_alpha must be a finite number > 0 .*; got the float nan$",
+                 id="lora_alpha"),
+    pytest.param({"lora_dropout": INF}, r"^lora_dropout must be a number in \[0, 1\) .*; got the float inf$",
+                 id="lora_dropout"),
+    pytest.param({"target_modules": None}, r"^target_modules must be a non-empty list .*; got None$",
+                 id="target_modules"),
+    pytest.param({"task_type": 3}, r"^task_type must be PEFT's task type name .* or None; got the int 3$",
+                 id="task_type"),
+    pytest.param({"base_model_name_or_path": 1.5}, r"^base_model_name_or_path must be a str or path .*; "
+                                                   r"got the float 1.5$", id="base_model_name_or_path"),
+    pytest.param({"target_names": "q_proj"}, r"^target_names must be a list of module names \(str\); got the str",
+                 id="target_names"),
+])
+def test_lora_config_names_its_own_fields(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param({"r": 2.5}, RANK + "the float 2.5$", id="r-float"),
+    pytest.param({"alpha": NAN}, ALPHA + "the float nan$", id="alpha-nan"),
+    pytest.param({"dropout": 1}, DROPOUT + "the int 1$", id="dropout-one"),
+    pytest.param({"use_rslora": "no"}, RSLORA + "the str 'no'$", id="rslora-str"),
+])
+def test_lora_linear_checks_its_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoRALinear(nn.Linear(4, 4), **({"r": 2, "alpha": 4} | kwargs))
 
 
 def test_target_matching_nothing_lists_nearest_names():
@@ -170,6 +254,20 @@ def test_load_missing_tensor_names_it(adapter):
     _rewrite_weights(adapter, lambda t: {k: v for k, v in t.items() if "layers.0.self_attn.q_proj.lora_B" not in k})
     _expect_load_error(adapter, ValueError, r"missing from the file, e.g. \['base_model.model.model.layers.0"
                                             r".self_attn.q_proj.lora_B.weight'\]")
+
+
+@pytest.mark.parametrize("changes, message", [
+    pytest.param({"r": 2.5}, r"r must be a positive integer .*; got the float 2.5$", id="r-float"),
+    pytest.param({"lora_alpha": "16"}, r"lora_alpha must be a finite number > 0 .*; got the str '16'$",
+                 id="alpha-str"),
+    pytest.param({"lora_dropout": float("nan")}, r"lora_dropout must be a number in \[0, 1\) .*; got the float nan$",
+                 id="dropout-nan"),
+    pytest.param({"target_modules": 7}, r"target_modules must be a non-empty list .*; got the int 7$",
+                 id="targets-int"),
+])
+def test_load_config_with_a_bad_value_names_the_file_and_field(adapter, changes, message):
+    _rewrite_config(adapter, **changes)
+    _expect_load_error(adapter, ValueError, r"adapter_config\.json: " + message)
 
 
 def test_load_target_that_matches_nothing_in_this_model(adapter):

@@ -134,3 +134,43 @@ def test_save_overwrites_atomically_and_creates_folders(tmp_path):
     lora.save(model, target)
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert torch.equal(logits(lora.load(tiny_llama(), target)), logits(model))
+
+
+def test_extra_files_are_written_with_the_adapter(tmp_path):
+    model = trained(tiny_llama(), targets=["q_proj"])
+    lora.save(model, tmp_path / "a", extra_files={"task.json": '{"x": 1}', "notes.bin": b"\x00\x01"})
+    assert (tmp_path / "a" / "task.json").read_text() == '{"x": 1}'
+    assert (tmp_path / "a" / "notes.bin").read_bytes() == b"\x00\x01"
+    lora.save(model, tmp_path / "a")                         # the folder is replaced whole: no stale task.json
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["../escape.json", "adapter_config.json", "sub/task.json"])
+def test_extra_file_names_must_be_plain_and_new(tmp_path, name):
+    model = trained(tiny_llama(), targets=["q_proj"])
+    lora.save(model, tmp_path / "a")
+    before = _snapshot(tmp_path / "a")
+    with pytest.raises(ValueError, match="plain file name"):
+        lora.save(model, tmp_path / "a", extra_files={name: "{}"})
+    assert _snapshot(tmp_path / "a") == before and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_an_adapter(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="holds other files and no adapter_config.json"):
+        lora.save(trained(tiny_llama(), targets=["q_proj"]), tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_load_refuses_non_finite_tensors_naming_the_tensor(tmp_path, value):
+    model = trained(tiny_llama(), targets=["q_proj"])
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.lora_A.weight[0, 0] = value
+    lora.save(model, tmp_path / "a")
+    plain = tiny_llama()
+    with pytest.raises(ValueError, match=r"'base_model\.model\.model\.layers\.1\.self_attn\.q_proj\.lora_A\.weight' "
+                                         r"holds NaN or Inf"):
+        lora.load(plain, tmp_path / "a")
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())   # the model was left untouched

@@ -1,5 +1,8 @@
 """train.data: real rows from ../shared/datasets (counts from each SOURCE.md) and the rules on small files."""
 import collections
+import gzip
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -190,3 +193,236 @@ def test_squad_article_split_helper_is_disjoint_and_seeded():
     test = data.squad_test_titles(titles, seed=0, test_fraction=0.3)
     assert len(test) == 10 and test == data.squad_test_titles(titles, seed=0, test_fraction=0.3)
     assert test != data.squad_test_titles(titles, seed=1, test_fraction=0.3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad inputs: every error names the file (and the line) and the problem
+
+def _write_imdb(folder: Path, split: str, content: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{split}.csv.gz").write_bytes(gzip.compress(content))
+    return folder / f"{split}.csv.gz"
+
+
+def _write_multilingual(folder: Path, texts: bytes, labels: bytes, lang: str = "english") -> Path:
+    (folder / lang).mkdir(parents=True, exist_ok=True)
+    (folder / lang / "train_text.txt").write_bytes(texts)
+    (folder / lang / "train_labels.txt").write_bytes(labels)
+    return folder
+
+
+def _write_squad(folder: Path, doc) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dev-v2.0.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return folder / "dev-v2.0.json"
+
+
+def _squad_doc(**qa_changes) -> dict:
+    qa = {"id": "q1", "question": "Who?", "answers": [{"text": "Ann", "answer_start": 0}], "is_impossible": False}
+    qa.update(qa_changes)
+    return {"version": "v2.0", "data": [{"title": "T", "paragraphs": [{"context": "Ann wrote it.", "qas": [qa]}]}]}
+
+
+def _raises(exc, path: Path, problem: str):
+    """pytest.raises whose match needs the file's full path, then the problem, in the message."""
+    return pytest.raises(exc, match=re.escape(str(path)) + ".*" + problem)
+
+
+def test_missing_data_dir_is_an_error_even_when_another_copy_exists(tmp_path, monkeypatch):
+    _write_sst2(tmp_path / "env" / "sst2", ["from env \t0"])
+    monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path / "env"))
+    typo = tmp_path / "typo"
+    with _raises(FileNotFoundError, typo, r"does not exist; it should be .* train.tsv and dev.tsv"):
+        data.load_split("sst2", "train", data_dir=typo)
+
+
+def test_data_dir_that_is_a_file_is_an_error(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na \t1\n")
+    with _raises(FileNotFoundError, tmp_path / "train.tsv", "is a file, not a folder"):
+        data.load_split("sst2", "train", data_dir=tmp_path / "train.tsv")
+
+
+def test_data_dir_without_the_file_names_it_and_hints_at_the_subfolder(tmp_path):
+    _write_sst2(tmp_path / "sst2", ["a \t1"])
+    with _raises(FileNotFoundError, tmp_path / "train.tsv", r"not found.*pass that folder as data_dir"):
+        data.load_split("sst2", "train", data_dir=tmp_path)
+
+
+def _bad_utf8_sst2(folder: Path):
+    (folder / "train.tsv").write_bytes(b"sentence\tlabel\ngood \t1\ncaf\xe9 film \t1\n")
+    return lambda: data.load_split("sst2", "train", data_dir=folder), folder / "train.tsv", "line 3.*offset 26"
+
+
+def _bad_utf8_imdb(folder: Path):
+    path = _write_imdb(folder, "train", b"text,label\ngood,1\ncaf\xe9,1\n")
+    return lambda: data.load_split("imdb", "train", data_dir=folder), path, "line 3.*offset 21 of the uncompressed"
+
+
+def _bad_utf8_multilingual(folder: Path):
+    _write_multilingual(folder, b"ok\nnot \xff ok\n", b"0\n1\n")
+    def call():
+        return data.load_split("multilingual_sentiment", "train", data_dir=folder, languages="english")
+    return call, folder / "english" / "train_text.txt", "line 2.*offset 7"
+
+
+def _bad_utf8_squad(folder: Path):
+    (folder / "dev-v2.0.json").write_bytes(b'{"data": [{"title": "Caf\xe9"}]}')
+    return lambda: data.read_squad(folder), folder / "dev-v2.0.json", "line 1.*offset 24"
+
+
+@pytest.mark.parametrize("make", [_bad_utf8_sst2, _bad_utf8_imdb, _bad_utf8_multilingual, _bad_utf8_squad],
+                         ids=["sst2", "imdb", "multilingual", "squad"])
+def test_non_utf8_bytes_name_the_file_line_and_offset(tmp_path, make):
+    call, path, where = make(tmp_path)
+    with _raises(ValueError, path, where + ".*not valid UTF-8; the file must be UTF-8"):
+        call()
+
+
+def test_utf8_bom_is_not_part_of_the_header(tmp_path):
+    (tmp_path / "train.tsv").write_bytes(b"\xef\xbb\xbfsentence\tlabel\na fine film \t1\n")
+    assert data.load_split("sst2", "train", data_dir=tmp_path)["text"] == ["a fine film"]
+
+
+def test_sst2_without_a_header_is_an_error_not_a_lost_row(tmp_path):
+    (tmp_path / "train.tsv").write_text("a fine film \t1\na bad film \t0\n")
+    with _raises(ValueError, tmp_path / "train.tsv", r"line 1: expected the header row 'sentence\\tlabel'"):
+        data.load_split("sst2", "train", data_dir=tmp_path)
+
+
+def test_sst2_empty_file_names_the_expected_header(tmp_path):
+    (tmp_path / "train.tsv").write_text("")
+    with _raises(ValueError, tmp_path / "train.tsv", "is empty; expected the header row"):
+        data.load_split("sst2", "train", data_dir=tmp_path)
+
+
+def test_sst2_row_without_a_tab_names_the_line(tmp_path):
+    folder = _write_sst2(tmp_path, ["good \t1", "no tab here 1"])
+    with _raises(ValueError, folder / "train.tsv", "line 3: no tab; expected 'sentence<TAB>label'"):
+        data.load_split("sst2", "train", data_dir=folder)
+
+
+def test_sst2_empty_text_names_the_line(tmp_path):
+    folder = _write_sst2(tmp_path, ["good \t1", " \t0"])
+    with _raises(ValueError, folder / "train.tsv", "line 3: the text is empty"):
+        data.load_split("sst2", "train", data_dir=folder)
+
+
+def test_sst2_misspelt_label_lists_the_label_set(tmp_path):
+    folder = _write_sst2(tmp_path, ["good \tpostive"])
+    with _raises(ValueError, folder / "train.tsv", r"line 2: label 'postive' is not one of \['negative', 'positive'\]"):
+        data.load_split("sst2", "train", data_dir=folder)
+
+
+def test_imdb_empty_file_is_an_error(tmp_path):
+    path = _write_imdb(tmp_path, "train", b"")
+    with _raises(ValueError, path, "is empty; expected the header row 'text,label'"):
+        data.load_split("imdb", "train", data_dir=tmp_path)
+
+
+def test_imdb_wrong_header_is_an_error(tmp_path):
+    path = _write_imdb(tmp_path, "train", b"review,sentiment\ngood,1\n")
+    with _raises(ValueError, path, "line 1: expected the header row 'text,label', got 'review,sentiment'"):
+        data.load_split("imdb", "train", data_dir=tmp_path)
+
+
+def test_imdb_row_with_wrong_field_count_names_its_first_line(tmp_path):
+    path = _write_imdb(tmp_path, "train", b'text,label\n"two\nlines",1\ngood,1,extra\n')
+    with _raises(ValueError, path, r"line 4: expected 2 fields \(text,label\), got 3"):
+        data.load_split("imdb", "train", data_dir=tmp_path)
+
+
+def test_imdb_unclosed_quote_is_malformed_csv(tmp_path):
+    path = _write_imdb(tmp_path, "train", b'text,label\ngood,1\n"never closed,1\nbad,0\n')
+    with _raises(ValueError, path, "malformed CSV in the row starting at line 3"):
+        data.load_split("imdb", "train", data_dir=tmp_path)
+
+
+def test_imdb_bad_label_names_the_line(tmp_path):
+    path = _write_imdb(tmp_path, "train", b"text,label\ngood,1\nbad,2\n")
+    with _raises(ValueError, path, "line 3: label '2' is not one of"):
+        data.load_split("imdb", "train", data_dir=tmp_path)
+
+
+def test_imdb_file_that_is_not_gzip_is_an_error(tmp_path):
+    (tmp_path / "train.csv.gz").write_bytes(b"text,label\ngood,1\n")
+    with _raises(ValueError, tmp_path / "train.csv.gz", "not a readable gzip file"):
+        data.load_split("imdb", "train", data_dir=tmp_path)
+
+
+def test_imdb_test_size_too_large_names_the_file_and_the_fix(tmp_path):
+    path = _write_imdb(tmp_path, "test", b"text,label\ngood,1\nbad,0\n")
+    with _raises(ValueError, path, "class 0 has 1 rows, fewer than the 1250 .* pass a smaller test_size"):
+        data.load_split("imdb", "test", data_dir=tmp_path)
+    assert len(data.load_split("imdb", "test", data_dir=tmp_path, test_size=2)) == 2
+
+
+def test_phrasebank_empty_file_is_an_error(tmp_path):
+    (tmp_path / "Sentences_50Agree.txt").write_bytes(b"")
+    with _raises(ValueError, tmp_path / "Sentences_50Agree.txt", "is empty; expected one 'sentence@label'"):
+        data.read_phrasebank(tmp_path)
+
+
+def test_phrasebank_line_without_a_label_names_the_line(tmp_path):
+    (tmp_path / "Sentences_50Agree.txt").write_bytes(b"Sales fell .@negative\r\nno label here\r\n")
+    with _raises(ValueError, tmp_path / "Sentences_50Agree.txt", "line 2: no '@label'"):
+        data.read_phrasebank(tmp_path)
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])
+def test_phrasebank_reads_latin1_and_utf8_copies_alike(tmp_path, encoding):
+    (tmp_path / "Sentences_50Agree.txt").write_bytes("Seppälä grew .@positive\r\n".encode(encoding))
+    assert data.read_phrasebank(tmp_path) == [{"text": "Seppälä grew .", "label": 2}]
+
+
+def test_multilingual_line_counts_must_match(tmp_path):
+    folder = _write_multilingual(tmp_path, b"a\nb\nc\n", b"0\n1\n")
+    with _raises(ValueError, folder / "english" / "train_text.txt", "has 3 lines but .*train_labels.txt has 2"):
+        data.load_split("multilingual_sentiment", "train", data_dir=folder, languages="english")
+
+
+def test_multilingual_bad_label_names_the_labels_file_line(tmp_path):
+    folder = _write_multilingual(tmp_path, b"a\nb\n", b"0\n3\n")
+    with _raises(ValueError, folder / "english" / "train_labels.txt", "line 2: label '3' is not one of"):
+        data.load_split("multilingual_sentiment", "train", data_dir=folder, languages="english")
+
+
+def test_multilingual_empty_text_names_the_text_file_line(tmp_path):
+    folder = _write_multilingual(tmp_path, b"a\n\n", b"0\n1\n")
+    with _raises(ValueError, folder / "english" / "train_text.txt", "line 2: the text is empty"):
+        data.load_split("multilingual_sentiment", "train", data_dir=folder, languages="english")
+
+
+def test_multilingual_missing_language_folder_names_the_file(tmp_path):
+    folder = _write_multilingual(tmp_path, b"a\n", b"0\n")
+    missing = folder / "german" / "train_text.txt"
+    with _raises(FileNotFoundError, missing, "not found; the multilingual_sentiment folder should hold a folder per"):
+        data.load_split("multilingual_sentiment", "train", data_dir=folder, languages=["english", "german"])
+
+
+@pytest.mark.parametrize("cut", [2, 20], ids=["between-values", "inside-a-string"])
+def test_squad_truncated_json_names_line_and_column(tmp_path, cut):
+    path = _write_squad(tmp_path, json.dumps(_squad_doc())[:-cut])
+    with _raises(ValueError, path, r"line 1, column \d+: invalid JSON: .*truncated\?"):
+        data.read_squad(tmp_path)
+
+
+def test_squad_empty_file_is_an_error(tmp_path):
+    path = _write_squad(tmp_path, "")
+    with _raises(ValueError, path, "is empty; expected the SQuAD v2 JSON"):
+        data.read_squad(tmp_path)
+
+
+@pytest.mark.parametrize("doc, problem", [
+    ([], "the top level should be an object, got an array"),
+    ({"version": "v2.0"}, "the top level has no 'data'"),
+    (_squad_doc(question=None), r"data\[0\].paragraphs\[0\].qas\[0\].question should be a string, got null"),
+    (_squad_doc(answers="Ann"), r"qas\[0\].answers should be an array, got a string"),
+    (_squad_doc(answers=[{"start": 0}]), r"qas\[0\].answers\[0\] has no 'text'"),
+    (_squad_doc(is_impossible="false"), "is_impossible should be true/false, got 'false'"),
+    (_squad_doc(is_impossible=True), "has is_impossible=true but 1 answers"),
+], ids=["top-level-array", "no-data", "null-question", "answers-string", "answer-no-text", "flag-string",
+        "flag-contradicts-answers"])
+def test_squad_layout_errors_name_the_json_path(tmp_path, doc, problem):
+    path = _write_squad(tmp_path, doc)
+    with _raises(ValueError, path, problem):
+        data.read_squad(tmp_path)

@@ -315,12 +315,12 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, how):
 def test_checkpoint_holds_trainable_parameters_only(tmp_path):
     result, model = run(tmp_path, max_steps=2)
     ckpt = Path(result.checkpoint_dir)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.pt", "rng_state.pt", "trainable.safetensors",
-                                                      "trainer_state.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.safetensors", "rng_state.json",
+                                                      "trainable.safetensors", "trainer_state.json"]
     saved = load_file(ckpt / "trainable.safetensors")
     assert saved.keys() == trainable_state(model).keys()
     assert all(".lora_" in name for name in saved)
-    assert not list(ckpt.parent.glob(".tmp-*"))                # the temp folder was renamed away
+    assert not list(ckpt.parent.glob(".*"))                    # the temp folder was renamed away
 
 
 def test_resume_with_other_batch_settings_raises(tmp_path):
