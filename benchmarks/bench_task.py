@@ -4,7 +4,7 @@
            over short sequences run in fp32), quant.quantize (NF4, double quant) + lora.inject (the adapter
            matmuls in bf16 from fp32 weights, the recipe's adapter_compute="base"), the
            label-word loss at the answer position (the head applied to the 2 label rows of the B last states),
-           batches grouped by length (train.loop.epoch_batches) and padded to their own longest prompt; the
+           batches grouped by length (train.batches.epoch_batches) and padded to their own longest prompt; the
            recipe's dropout and gradient-checkpointing defaults (both off on CPU).
     peer   what a PEFT QLoRA fine-tune usually looks like: transformers' BitsAndBytesConfig (NF4, double quant)
            + peft.get_peft_model (lora_dropout 0.05), gradient checkpointing on (prepare_model_for_kbit_training
@@ -78,7 +78,7 @@ def build_peer(recipe, dtype, task, args):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from train.models import offline, resolve
-    from train.task import GenerationTask
+    from train.tasks import GenerationTask
 
     folder, _ = resolve(recipe.model)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -131,7 +131,8 @@ def _answer_ids(tokenizer, task, c):
 
 def child(args):
     from train import ClassificationTask, load_split, load_tokenizer
-    from train.loop import epoch_batches, lr_multiplier
+    from train.batches import epoch_batches
+    from train.loop import lr_multiplier
     from train.recipe import ClassificationRecipe, pick_dtype
 
     pick_device("cpu", args.threads)

@@ -109,7 +109,7 @@ def test_sst2_smoke_run_writes_the_report(sst2_run):
 
 
 def test_sst2_prompt_from_task_json_holds_instruction_and_text(sst2_run):
-    from train.task import ClassificationTask
+    from train.tasks import ClassificationTask
 
     meta = json.loads((sst2_run / "adapter" / "task.json").read_text())
     task = ClassificationTask(tokenizer(meta["model"]), meta["label_words"], instruction=meta["instruction"],
@@ -319,7 +319,7 @@ def test_encoder_data_recipe_and_tokens():
     assert enc.make_recipe(enc.get_parser().parse_args(["--full-finetune", "--out", "u"])).mode == "full"
     with pytest.raises(ValueError, match="--few-shot"):
         enc.make_recipe(enc.get_parser().parse_args(["--few-shot", "4", "--out", "u"]))
-    from train.task import SequenceClassificationTask
+    from train.tasks import SequenceClassificationTask
 
     tok = tokenizer("minilm-l6")
     ids = SequenceClassificationTask(tok, 2, max_length=recipe.max_length).encode(train_rows[0]["text"])

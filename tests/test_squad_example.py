@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from train.data import find_dataset, load_split, read_squad
-from train.qa_recipe import (_steps_done, _with_deadline, abstain_diagnostics, hold_out_articles, pack_training_set,
-                             proportional_sample, tune_threshold)
-from train.task import IGNORE, GenerationTask
+from train.qa_eval import _steps_done, abstain_diagnostics, tune_threshold
+from train.qa_recipe import _with_deadline, hold_out_articles, pack_training_set, proportional_sample
+from train.tasks import IGNORE, GenerationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 on CPU: packed and one-by-one do the same matmuls over different widths; measured max diff ~1e-6
@@ -137,7 +137,7 @@ def test_packed_loss_equals_one_by_one_loss(smol_tok, rows):
 def test_dequantized_inference_changes_no_number(smol_tok, rows):
     import lora
     import quant
-    from train.qa_recipe import dequantized
+    from train.qa_eval import dequantized
 
     model = tiny_llama(len(smol_tok)).to(torch.bfloat16)
     quant.quantize(model, compute_dtype=torch.bfloat16, backend="torch")

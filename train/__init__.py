@@ -8,7 +8,7 @@ from .memory import lean_cpu_allocator
 from .metrics import classification_metrics, normalize_answer, squad_metrics
 from .models import DEFAULT_MODEL, REGISTRY, load_model, load_tokenizer, use_cheap_dropout
 from .report import write_report
-from .task import ClassificationTask, GenerationTask, SequenceClassificationTask
+from .tasks import ClassificationTask, GenerationTask, SequenceClassificationTask
 
 __all__ = [
     "distributed", "use_fast_attention", "enable_gradient_checkpointing", "disable_gradient_checkpointing",

@@ -20,7 +20,10 @@ import contextlib
 import os
 import sys
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+from .models import MissingModelPackage
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               MissingModelPackage)
 USAGE_EXIT, INTERRUPTED_EXIT = 2, 130
 
 

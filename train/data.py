@@ -25,22 +25,20 @@ Splits. The files do not all ship the split we need, so some are made here, alwa
                            "validation" is the whole dev set. `squad_split_sizes()` says the sizes.
 `limit=N` returns a seeded random sample of N rows.
 
-Bad files. Every problem in a file is a ValueError (FileNotFoundError for a missing path) that names the file,
-the 1-based line (or the JSON path in SQuAD) and what was expected; nothing is skipped silently.
+Bad files (train/datafiles.py reads and checks them). Every problem in a file is a ValueError (FileNotFoundError
+for a missing path) that names the file, the 1-based line (or the JSON path in SQuAD) and what was expected.
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
+import functools
 import os
 import warnings
-import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from .datafiles import check_header, check_label, json_field, read_json, read_lines, read_text_label_csv
 
 LABELS: dict[str, list[str]] = {
     "sst2": ["negative", "positive"],
@@ -144,7 +142,7 @@ def _need(split: str, allowed: Sequence[str], name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reading and checking files: every error names the file and the line
+# the dataset's files (read and checked by train/datafiles.py: every error names the file and the line)
 
 def _data_file(source, fname: str, name: str) -> Path:
     """source/fname, or a FileNotFoundError saying what the folder should hold."""
@@ -157,60 +155,10 @@ def _data_file(source, fname: str, name: str) -> Path:
     raise FileNotFoundError(f"{path} not found; the {name} folder should hold {_FILES[name]}{hint}")
 
 
-def _read_text(path: Path, fallback: str | None = None) -> str:
-    """The file (gunzipped if .gz) decoded as UTF-8 (a BOM is dropped), else as `fallback`, else a ValueError."""
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:  # bad header, truncated stream, corrupt data
-            raise ValueError(f"{path}: not a readable gzip file ({e}); expected a gzip-compressed CSV") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        if fallback:
-            return raw.decode(fallback)
-        line = raw.count(b"\n", 0, e.start) + 1
-        of = " of the uncompressed data" if path.suffix == ".gz" else ""
-        raise ValueError(f"{path} line {line}: byte 0x{raw[e.start]:02x} at byte offset {e.start}{of} is not "
-                         "valid UTF-8; the file must be UTF-8 (re-save it with that encoding)") from None
-
-
-def _read_lines(path: Path, fallback: str | None = None) -> list[str]:
-    """Lines split on "\\n" only (str.splitlines would also split on U+0085/U+2028 inside a text)."""
-    lines = [line.removesuffix("\r") for line in _read_text(path, fallback).split("\n")]
-    return lines[:-1] if lines and lines[-1] == "" else lines
-
-
-def _check_header(path: Path, got: str | None, expected: str) -> None:
-    if got is None:
-        raise ValueError(f"{path} is empty; expected the header row {expected!r}, then one row per example")
-    if got != expected:
-        raise ValueError(f"{path} line 1: expected the header row {expected!r}, got {got[:80]!r}; if line 1 is "
-                         "already data, add the header above it (line 1 is always read as the header)")
-
-
 def _row(text: str, label, name: str, where: str) -> dict:
     if not text.strip():
         raise ValueError(f"{where}: the text is empty")
-    return {"text": text, "label": _check_label(label, name, where, text)}
-
-
-def _check_label(label, name: str, where: str, text: str) -> int:
-    """The label as an int index into LABELS[name]; a ValueError naming the row otherwise."""
-    names = LABELS[name]
-    if isinstance(label, str):
-        key = label.strip()
-        if key.lower() in names:
-            return names.index(key.lower())
-    try:
-        value = int(label)
-    except (TypeError, ValueError):
-        value = -1
-    if 0 <= value < len(names) and str(label).strip() in (str(value), f"{value}.0"):
-        return value
-    raise ValueError(f"{where}: label {label!r} is not one of {names} (or their ids 0..{len(names) - 1}); "
-                     f"text: {text[:80]!r}")
+    return {"text": text, "label": check_label(label, LABELS[name], where, text)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,11 +174,11 @@ def _load_sst2(source, split: str, *, seed: int) -> list[dict]:
     if source == "hub":
         raw = _hub("sst2", None, "train" if split == "train" else "validation")
         return [{"text": r["sentence"].strip(),
-                 "label": _check_label(r["label"], "sst2", f"hub row {i}", r["sentence"])}
+                 "label": check_label(r["label"], LABELS["sst2"], f"hub row {i}", r["sentence"])}
                 for i, r in enumerate(raw)]
     path = _data_file(source, "train.tsv" if split == "train" else "dev.tsv", "sst2")
-    lines = _read_lines(path)
-    _check_header(path, lines[0] if lines else None, "sentence\tlabel")
+    lines = read_lines(path)
+    check_header(path, lines[0] if lines else None, "sentence\tlabel")
     rows = []
     for lineno, line in enumerate(lines[1:], start=2):
         text, tab, label = line.rpartition("\t")
@@ -246,36 +194,17 @@ def _load_sst2(source, split: str, *, seed: int) -> list[dict]:
 def _load_imdb(source, split: str, *, seed: int, test_size: int | None = 2500) -> list[dict]:
     _need(split, ("train", "test"), "imdb")
     if source == "hub":
-        rows = [{"text": r["text"], "label": _check_label(r["label"], "imdb", f"hub row {i}", r["text"])}
+        rows = [{"text": r["text"], "label": check_label(r["label"], LABELS["imdb"], f"hub row {i}", r["text"])}
                 for i, r in enumerate(_hub("imdb", None, split))]
         what = f"{HUB['imdb']} {split}"
     else:
         path = _data_file(source, f"{split}.csv.gz", "imdb")
-        rows = [_row(text, label, "imdb", f"{path} line {n}") for text, label, n in _read_imdb_csv(path)]
+        rows = [_row(text, label, "imdb", f"{path} line {n}") for text, label, n in read_text_label_csv(path)]
         what = str(path)
     rng = np.random.default_rng(seed)
     if split == "test" and test_size is not None:
         rows = _balanced_sample(rows, test_size, 2, rng, what)
     return [rows[i] for i in rng.permutation(len(rows))]  # the file is sorted neg -> pos
-
-
-def _read_imdb_csv(path: Path) -> list[tuple[str, str, int]]:
-    """(text, label, line the row starts on) of every row under the header; the texts may span lines."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)  # strict: no silent repairs
-    out, start = [], 1
-    try:
-        header = next(reader, None)
-        _check_header(path, None if header is None else ",".join(header), "text,label")
-        start = reader.line_num + 1
-        for record in reader:
-            if len(record) != 2:
-                raise ValueError(f"{path} line {start}: expected 2 fields (text,label), got {len(record)}: "
-                                 f"{','.join(record)[:80]!r}")
-            out.append((record[0], record[1], start))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise ValueError(f"{path}: malformed CSV in the row starting at line {start} ({e})") from None
-    return out
 
 
 def _balanced_sample(rows: list[dict], size: int, n_classes: int, rng, what: str) -> list[dict]:
@@ -311,7 +240,7 @@ def read_phrasebank(source, agreement: str = "50") -> list[dict]:
 def _read_phrasebank_file(path: Path) -> list[tuple[str, str, str]]:
     # The release is latin-1 (never valid UTF-8); UTF-8 re-encodings circulate too (SOURCE.md), and reading
     # those as latin-1 would turn every accent into mojibake, so UTF-8 is tried first.
-    lines = _read_lines(path, fallback="latin-1")
+    lines = read_lines(path, fallback="latin-1")
     if not lines:
         raise ValueError(f"{path} is empty; expected one 'sentence@label' a line")
     raw = []
@@ -358,8 +287,8 @@ def _load_multilingual(source, split: str, *, seed: int, languages: str | Sequen
         else:
             triples = _read_multilingual(source, lang, "val" if split == "validation" else split)
         for text, label, where in triples:
-            rows.append({"text": text.strip(), "label": _check_label(label, "multilingual_sentiment", where, text),
-                         "language": lang})
+            label = check_label(label, LABELS["multilingual_sentiment"], where, text)
+            rows.append({"text": text.strip(), "label": label, "language": lang})
     return rows
 
 
@@ -367,7 +296,7 @@ def _read_multilingual(source, lang: str, fsplit: str) -> list[tuple[str, str, s
     """(text, label, where) of one language: line i of <split>_labels.txt is the label of <split>_text.txt's."""
     text_path = _data_file(source, f"{lang}/{fsplit}_text.txt", "multilingual_sentiment")
     label_path = _data_file(source, f"{lang}/{fsplit}_labels.txt", "multilingual_sentiment")
-    texts, labels = _read_lines(text_path), _read_lines(label_path)
+    texts, labels = read_lines(text_path), read_lines(label_path)
     if len(texts) != len(labels):
         raise ValueError(f"{text_path} has {len(texts)} lines but {label_path} has {len(labels)}; "
                          "they must pair up line by line")
@@ -380,8 +309,8 @@ def _read_multilingual(source, lang: str, fsplit: str) -> list[tuple[str, str, s
 # ----------------------------------------------------------------------------------------------------------
 # squad_v2
 
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
-               float: "a number", type(None): "null"}
+_field = functools.partial(json_field, layout="the SQuAD v2 layout {'data': [{'title', 'paragraphs': [{'context', "
+                                              "'qas': [{'id', 'question', 'answers': [{'text'}]}]}]}]}")
 
 
 def read_squad(source) -> list[dict]:
@@ -391,16 +320,7 @@ def read_squad(source) -> list[dict]:
                  "answers": list(r["answers"]["text"]), "is_impossible": not r["answers"]["text"]}
                 for r in _hub("squad_v2", None, "validation")]
     path = _data_file(source, "dev-v2.0.json", "squad_v2")
-    text = _read_text(path)
-    if not text.strip():
-        raise ValueError(f"{path} is empty; expected the SQuAD v2 JSON (an object with a 'data' array)")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        truncated = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")  # open at the end
-        cut = " (the file ends before the JSON does: truncated?)" if truncated else ""
-        msg = e.msg.removesuffix(" starting at")  # the position follows in our own words
-        raise ValueError(f"{path} line {e.lineno}, column {e.colno}: invalid JSON: {msg}{cut}") from None
+    doc = read_json(path, "the SQuAD v2 JSON (an object with a 'data' array)")
     rows = []
     for a, art in enumerate(_field(doc, "data", list, path, "the top level")):
         title = _field(art, "title", str, path, f"data[{a}]")
@@ -423,19 +343,6 @@ def _squad_row(qa, title: str, context: str, path: Path, at: str) -> dict:
                          "an unanswerable question has none, an answerable one at least one")
     return {"id": _field(qa, "id", str, path, at), "title": title, "context": context,
             "question": _field(qa, "question", str, path, at), "answers": answers, "is_impossible": impossible}
-
-
-def _field(obj, key: str, kind: type, path: Path, at: str):
-    """obj[key], checked to be of `kind`; `at` is the JSON path of obj, for the message."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: {at} should be an object, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}")
-    if key not in obj:
-        raise ValueError(f"{path}: {at} has no {key!r}; expected the SQuAD v2 layout {{'data': [{{'title', "
-                         "'paragraphs': [{'context', 'qas': [{'id', 'question', 'answers': [{'text'}]}]}]}]}")
-    if not isinstance(obj[key], kind):
-        raise ValueError(f"{path}: {at}.{key} should be {_JSON_TYPES[kind]}, "
-                         f"got {_JSON_TYPES.get(type(obj[key]), type(obj[key]).__name__)}")
-    return obj[key]
 
 
 def squad_test_titles(titles: Sequence[str], seed: int = 0, test_fraction: float = 0.3) -> set[str]:

@@ -14,10 +14,12 @@ Every helper also works without a process group (one process): rank 0, world siz
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 
 def init() -> bool:
@@ -47,6 +49,13 @@ def world_size() -> int:
 def is_main() -> bool:
     """Only rank 0 writes files, prints and shows progress bars."""
     return rank() == 0
+
+
+def say(message: str) -> None:
+    """Prints on rank 0 only, through tqdm so that a progress bar on screen is redrawn below the line, flushed."""
+    if is_main():
+        tqdm.write(message)
+        sys.stdout.flush()
 
 
 def local_device() -> torch.device:

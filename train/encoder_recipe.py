@@ -32,12 +32,12 @@ import torch
 import lora
 import quant
 
-from .distributed import is_main
+from .distributed import is_main, say
 from .models import load_model
 from .recipe import (append_markdown, evaluate, export_merged, fit_classifier, peak_rss_mb, pick_dtype,
-                     _prediction_rows, _say)
+                     predict_texts, prediction_table, train_summary)
 from .report import write_report
-from .task import SequenceClassificationTask
+from .tasks import SequenceClassificationTask
 
 MODES = ("qlora", "lora", "full")
 
@@ -73,6 +73,7 @@ class EncoderRecipe:
     seed: int = 0
     resume: bool = False
     export_merged: str | None = None              # write a plain HF checkpoint of the merged model here
+    columns: dict | None = None                   # {"text", "label"}: the user's column names (task.json)
     extra: dict = field(default_factory=dict)     # anything the example wants recorded in metrics.json
 
     def __post_init__(self):
@@ -110,17 +111,17 @@ def run_encoder(recipe: EncoderRecipe, train_rows: Sequence[dict], test_rows: Se
     rows, probs_by_row = {}, {}
     rows["zero_shot"], probs_by_row["zero_shot"] = evaluate(task, model, test_rows, label_names,
                                                             recipe.eval_batch_size)
-    _say(f"untrained head ('zero-shot') accuracy {rows['zero_shot']['accuracy']:.4f}")
+    say(f"untrained head ('zero-shot') accuracy {rows['zero_shot']['accuracy']:.4f}")
 
     prepare(model, recipe)
     counts = lora.trainable_parameters(model)
-    _say(f"{recipe.mode}: trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
+    say(f"{recipe.mode}: trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
     rss_before = peak_rss_mb()
     result = fit_classifier(model, task, train_rows, recipe)
     model.eval()
     rows["fine_tuned"], probs_by_row["fine_tuned"] = evaluate(task, model, test_rows, label_names,
                                                               recipe.eval_batch_size)
-    _say(f"fine-tuned accuracy {rows['fine_tuned']['accuracy']:.4f}")
+    say(f"fine-tuned accuracy {rows['fine_tuned']['accuracy']:.4f}")
     if not is_main():
         return rows
     save_trained(model, tokenizer, out, recipe, label_names)
@@ -131,9 +132,7 @@ def run_encoder(recipe: EncoderRecipe, train_rows: Sequence[dict], test_rows: Se
     summary = {
         "mode": recipe.mode,
         "quantized": recipe.mode == "qlora",
-        "train": {"examples": len(train_rows), "steps": result.steps, "seconds": round(result.elapsed_s, 1),
-                  "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
-                  "stopped": result.stopped},
+        "train": train_summary(result, len(train_rows)),
         "trainable_parameters": counts,
         "memory": quant.memory_report(model) if recipe.mode == "qlora" else None,
         "peak_rss_mb": peak_rss_mb(),
@@ -141,7 +140,7 @@ def run_encoder(recipe: EncoderRecipe, train_rows: Sequence[dict], test_rows: Se
         "new_texts": examples,
         "dtype": str(dtype).replace("torch.", ""),
     }
-    write_report(out, rows=rows, predictions=_prediction_rows(test_rows, probs_by_row, label_names),
+    write_report(out, rows=rows, predictions=prediction_table(test_rows, probs_by_row, label_names),
                  label_names=list(label_names), config=dataclasses.asdict(recipe), extra=summary,
                  elapsed=time.perf_counter() - t_start)
     append_markdown(out, cost_markdown({recipe.mode: _cost(json.loads((out / "metrics.json").read_text()))}))
@@ -151,7 +150,7 @@ def run_encoder(recipe: EncoderRecipe, train_rows: Sequence[dict], test_rows: Se
 def save_trained(model, tokenizer, out: Path, recipe: EncoderRecipe, label_names) -> None:
     """LoRA modes: out/adapter (PEFT files, the head in full) + task.json; full: out/model (HF checkpoint)."""
     meta = {"kind": "sequence-classification", "model": recipe.model, "mode": recipe.mode,
-            "label_names": list(label_names), "max_length": recipe.max_length,
+            "label_names": list(label_names), "max_length": recipe.max_length, "columns": recipe.columns,
             "dtype": "fp32" if recipe.mode == "full" else recipe.dtype,
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant,
                       "skip": list(recipe.modules_to_save)} if recipe.mode == "qlora" else None}
@@ -160,17 +159,6 @@ def save_trained(model, tokenizer, out: Path, recipe: EncoderRecipe, label_names
         export_merged(model, tokenizer, out / "model", extra_files=task_json)
     else:
         lora.save(model, out / "adapter", base_model_name_or_path=recipe.model, extra_files=task_json)
-
-
-def predict_texts(task, model, texts: Sequence[str], label_names, batch_size: int) -> list[dict]:
-    if not texts:
-        return []
-    probs = task.predict_proba(model, list(texts), batch_size=batch_size)   # (N, C)
-    examples = [{"text": t, "label": label_names[int(p.argmax())], "p": round(float(p.max()), 4)}
-                for t, p in zip(texts, probs)]
-    for e in examples:
-        _say(f"  {e['label']:>9s} ({e['p']:.2f})  {e['text']}")
-    return examples
 
 
 def _cost(metrics: dict) -> dict:

@@ -21,11 +21,13 @@ LCS F-measure over the same normalised tokens. A question missing from `predicti
 Why the intervals: a test set of 872 or 1,000 rows measures accuracy to about +-2 points (95%), which is the
 size of the gaps between many runs and their targets; the interval says how far a number can be trusted.
 Wilson's score interval (the p0 with |p_hat - p0| <= z * sqrt(p0 (1 - p0) / n)) keeps its coverage near 0
-and 1, where the textbook p_hat +- z * sqrt(p_hat (1 - p_hat) / n) collapses to a point.
+and 1, where the textbook p_hat +- z * sqrt(p_hat (1 - p_hat) / n) collapses to a point; scipy computes it
+(`binomtest(k, n).proportion_ci(method="wilson")`).
 """
 from __future__ import annotations
 
 import collections
+import math
 import re
 import string
 from typing import Iterable, Mapping, Sequence
@@ -110,16 +112,15 @@ def _metrics_from(y: np.ndarray, pred: np.ndarray, probs: np.ndarray | None, nam
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval of successes / n (z: the normal 97.5% quantile, a 95% interval); see the
-    module docstring. Exactly 0 (1) at its lower (upper) end when successes is 0 (n)."""
+    """The Wilson score interval of successes / n (z: the normal 97.5% quantile, a 95% interval), by scipy;
+    see the module docstring. Exactly 0 (1) at its lower (upper) end when successes is 0 (n)."""
     if n <= 0 or not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n and n > 0, got successes={successes}, n={n}")
-    p, z2 = successes / n, z * z
-    center = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    lo = 0.0 if successes == 0 else max(0.0, center - half)
-    hi = 1.0 if successes == n else min(1.0, center + half)
-    return float(lo), float(hi)
+    from scipy.stats import binomtest   # lazily, as sklearn in _metrics_from: a heavy import
+
+    level = math.erf(z / math.sqrt(2))  # the two-sided confidence of +-z: exactly 0.95 for the default z
+    ci = binomtest(successes, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def _roc_auc(y: np.ndarray, probs: np.ndarray | None, n_classes: int) -> float | None:

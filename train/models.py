@@ -75,11 +75,15 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "onebox-qlora")
 
 
+class MissingModelPackage(ModuleNotFoundError):
+    """A registered model whose weight package is not installed: a user's setup, not a bug (one line at a CLI)."""
+
+
 def package_dir(spec: ModelSpec) -> Path:
     """The installed package's folder, without importing it; a clear error with the pip command if missing."""
     missing = [p for p in (spec.package, *spec.parts) if importlib.util.find_spec(p) is None]
     if missing:
-        raise ModuleNotFoundError(
+        raise MissingModelPackage(
             f"model {spec.name!r} needs the package(s) {missing}, which are not installed. "
             f"Install them with:\n    {spec.pip}")
     found = importlib.util.find_spec(spec.package)

@@ -17,9 +17,10 @@ import lora
 import quant
 
 from .cli import user_errors
+from .files import TEXT_COLUMNS, find_column, read_table
 from .models import load_model
 from .recipe import evaluate, pick_dtype
-from .task import ClassificationTask, SequenceClassificationTask
+from .tasks import ClassificationTask, SequenceClassificationTask
 
 TASK_FILE = "task.json"
 ENCODER = "sequence-classification"
@@ -133,6 +134,17 @@ def evaluate_lengths(adapter_dir: str | Path, rows: Sequence[dict], lengths: Seq
     return out
 
 
+def saved_columns(adapter_dir) -> dict:
+    """The column names the adapter was trained on ({"text", "label"}; {} when not recorded)."""
+    return _read_task(Path(adapter_dir) / TASK_FILE).get("columns") or {}
+
+
+def _file_texts(path: str, column: str | None) -> list[str]:
+    table = read_table(path, role="test")
+    key = find_column(path, table, column, TEXT_COLUMNS, "text")
+    return [str(row[key]).strip() for row in table]
+
+
 def _stdin_texts() -> list[str]:
     """One text per non-blank line of stdin: a file piped in, or lines typed and ended with Ctrl-D."""
     texts = [line.strip() for line in sys.stdin if line.strip()] if sys.stdin else []
@@ -142,15 +154,26 @@ def _stdin_texts() -> list[str]:
     return texts
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json, task.json, ...)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--dense", action="store_true", help="keep the backbone dense instead of NF4")
-    p.add_argument("texts", nargs="*", help="texts to classify (default: one per line on stdin)")
-    args = p.parse_args(argv)
+    p.add_argument("--file", default=None, help="texts from a data file (CSV, JSONL, ...; see train.files)")
+    p.add_argument("--text-column", default=None, help="the --file column to classify (default: found by name)")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: --file, else one per line on stdin)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = add_arguments(argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0]))
+    run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Prints `label<TAB>p per label<TAB>text` for each text."""
     _read_task(Path(args.adapter) / TASK_FILE)      # a bad --adapter fails now, not after reading stdin
-    texts = args.texts or _stdin_texts()
+    column = args.text_column or (saved_columns(args.adapter).get("text"))
+    texts = args.texts or (_file_texts(args.file, column) if args.file else _stdin_texts())
     model, task, label_names = load_classifier(args.adapter, dtype=args.dtype, quantized=not args.dense)
     probs = task.predict_proba(model, texts)  # (N, C)
     for text, pr in zip(texts, probs):

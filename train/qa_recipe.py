@@ -25,7 +25,6 @@ How a 270M model (100M of it outside the embedding) can reach EM >= 0.55 on a CP
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -35,19 +34,20 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import lora
 import quant
 from lora.atomic import atomic_write
 
+from .distributed import say
 from .loop import TrainConfig, fit
-from .metrics import exact_match, squad_metrics, token_f1
+from .metrics import squad_metrics
 from .models import load_model
-from .recipe import pick_dtype
+from .qa_eval import (abstain_diagnostics, by_id, dequantized, greedy_em, prediction_rows, qa_metrics,
+                      results_markdown, tune_threshold)
+from .recipe import pick_dtype, quantize_and_inject
 from .report import write_report
-from .task import GenerationTask
+from .tasks import GenerationTask
 
 
 @dataclass
@@ -144,7 +144,7 @@ def pack_training_set(task: GenerationTask, rows: Sequence[dict], max_turns: int
 
 
 # ----------------------------------------------------------------------------------------------------------
-# evaluation: scored answers, the threshold, metrics
+# scoring (train/qa_eval.py: the threshold, metrics, results.md)
 
 def score(task: GenerationTask, model, rows: Sequence[dict], recipe: QARecipe) -> tuple[list[dict], float]:
     """GenerationTask.generate_scored on every row, and the seconds it took."""
@@ -153,99 +153,6 @@ def score(task: GenerationTask, model, rows: Sequence[dict], recipe: QARecipe) -
         scored = task.generate_scored(model, rows, max_new_tokens=recipe.max_new_tokens,
                                       batch_size=recipe.eval_batch_size)
     return scored, round(time.perf_counter() - t0, 1)
-
-
-class _Dequantized(nn.Module):
-    """A Linear4bit's forward with the dequantized weight cached: the same F.linear on the same numbers."""
-
-    def __init__(self, layer: quant.Linear4bit):
-        super().__init__()
-        self.dtype = layer.compute_dtype
-        self.weight = layer.dequantize(self.dtype)                                     # (out, in)
-        self.bias = None if layer.bias is None else layer.bias.to(self.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
-
-
-@contextlib.contextmanager
-def dequantized(model: nn.Module):
-    """Inference with every Linear4bit's weight dequantized once instead of at every call.
-
-    # Note: Linear4bit.forward is F.linear(x, dequantize(W) in compute_dtype), so caching the dequantized
-    # weight changes no number; it saves one dequantization of every layer per decoding step (24 steps per
-    # batch), the dominant cost of generating on a CPU. It costs a dense copy of the base (2 bytes/param
-    # in bf16) for the duration, and is for no_grad inference only: the training path stays 4-bit."""
-    swapped = []
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, quant.Linear4bit) and child.compute_dtype is not None:
-                setattr(module, child_name, _Dequantized(child))
-                swapped.append((module, child_name, child))
-    try:
-        yield model
-    finally:
-        for module, child_name, child in swapped:
-            setattr(module, child_name, child)
-
-
-def tune_threshold(scored: Sequence[dict], rows: Sequence[dict]) -> dict:
-    """The (by, threshold) that maximise EM (then F1) on `rows` when abstaining iff margin > threshold."""
-    gold = [[a for a in r["answers"] if a.strip()] for r in rows]
-    em = np.array([max((exact_match(s["answer"], a) for a in g), default=0) for s, g in zip(scored, gold)])
-    f1 = np.array([max((token_f1(s["answer"], a) for a in g), default=0.0) for s, g in zip(scored, gold)])
-    no_answer = np.array([not g for g in gold], dtype=np.float64)  # what abstaining scores, EM and F1 alike
-    best = None
-    for by in ("answer", "first"):
-        margin = np.array([s["logp_abstain"] - s[f"logp_{by}"] for s in scored])
-        cuts = np.unique(margin)
-        candidates = np.concatenate([[cuts[0] - 1.0], (cuts[1:] + cuts[:-1]) / 2, [cuts[-1] + 1.0]])
-        abstains = margin[None, :] > candidates[:, None]                               # (K, N)
-        em_k = np.where(abstains, no_answer, em).mean(1)                               # (K,)
-        f1_k = np.where(abstains, no_answer, f1).mean(1)
-        top = np.flatnonzero((em_k == em_k.max()) & (f1_k == f1_k[em_k == em_k.max()].max()))
-        k = top[len(top) // 2]                                                         # middle of a plateau
-        found = {"by": by, "threshold": float(candidates[k]), "exact": 100 * float(em_k[k]),
-                 "f1": 100 * float(f1_k[k])}
-        if best is None or (found["exact"], found["f1"]) > (best["exact"], best["f1"]):
-            best = found
-    return best
-
-
-def abstain_diagnostics(scored: Sequence[dict], rows: Sequence[dict]) -> dict:
-    """Where the errors are: the answer and the abstain decision, each on its own, on `rows` (the test sample).
-
-    span_exact / span_f1   the span (decoded with the abstain token masked) on the ANSWERABLE questions, as if
-                           the model never abstained: how good the answers are
-    abstain_auc            ROC AUC of each margin (log p(abstain) - log p(span or first token)) as a detector of
-                           the unanswerable questions: how good the abstain decision can be (0.5 = chance)
-    oracle                 tune_threshold on these very rows: the best EM any threshold reaches here, an upper
-                           bound for reading the results, never a result (the recipe's threshold comes from
-                           the calibration articles)
-    """
-    from sklearn.metrics import roc_auc_score   # lazily, as in train.metrics (scipy + pandas: ~146 MB of RSS)
-
-    answerable = [(s, r) for s, r in zip(scored, rows) if not r["is_impossible"]]
-    gold = [[a for a in r["answers"] if a.strip()] for _, r in answerable]
-    em = [max(exact_match(s["answer"], a) for a in g) for (s, _), g in zip(answerable, gold)]
-    f1 = [max(token_f1(s["answer"], a) for a in g) for (s, _), g in zip(answerable, gold)]
-    impossible = [r["is_impossible"] for r in rows]
-    auc = {}
-    for by in ("answer", "first"):
-        margin = [s["logp_abstain"] - s[f"logp_{by}"] for s in scored]
-        auc[by] = float(roc_auc_score(impossible, margin)) if 0 < sum(impossible) < len(rows) else None
-    return {"span_exact": 100 * float(np.mean(em)) if em else None,
-            "span_f1": 100 * float(np.mean(f1)) if f1 else None,
-            "abstain_auc": auc, "oracle": tune_threshold(scored, rows)}
-
-
-def qa_metrics(predictions: Sequence[str], rows: Sequence[dict], seconds: float | None = None) -> dict:
-    """squad_metrics plus the abstention rate and the evaluation time."""
-    m = squad_metrics({r["id"]: p for r, p in zip(rows, predictions)}, rows)
-    m["abstain_rate"] = round(float(np.mean([p == "" for p in predictions])), 4)
-    if seconds is not None:
-        m["eval_seconds"] = seconds
-    return m
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,52 +178,29 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
     scored["zero_shot"], seconds["zero_shot"] = score(task, model, test_rows, recipe)
     test_cut = task.n_truncated
     zero_shot = [task.decide(s) for s in scored["zero_shot"]]
-    _say(f"zero-shot EM {squad_metrics(_by_id(test_rows, zero_shot), test_rows)['exact']:.2f} "
-         f"({seconds['zero_shot']:.0f} s)")
+    say(f"zero-shot EM {squad_metrics(by_id(test_rows, zero_shot), test_rows)['exact']:.2f} "
+        f"({seconds['zero_shot']:.0f} s)")
 
-    quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
-                   compute_dtype=dtype, backend=recipe.backend)
-    lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets,
-                compute_dtype=recipe.adapter_compute)
-    counts = lora.trainable_parameters(model)
-    _say(f"trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
+    counts = quantize_and_inject(model, recipe, dtype)
     result, packed, unpacked = train(recipe, model, task, fit_rows)
-    n_tokens = sum(len(p["input_ids"]) for p in packed)
-
     scored["calibration"], seconds["calibration"] = score(task, model, calib_rows, recipe)
-    tuned = tune_threshold(scored["calibration"], calib_rows)
+    tuned = calibrate(task, scored["calibration"], calib_rows)
     threshold = tuned["threshold"] if recipe.abstain == "calibrated" else None
-    _say(f"abstain threshold {tuned['threshold']:.3f} on log p(abstain) - log p({tuned['by']}): calibration EM "
-         f"{tuned['exact']:.2f} (greedy {_greedy_em(task, scored['calibration'], calib_rows):.2f})")
     scored["fine_tuned"], seconds["fine_tuned"] = score(task, model, test_rows, recipe)
     fine_tuned = [task.decide(s, threshold, tuned["by"]) for s in scored["fine_tuned"]]
     greedy = [task.decide(s) for s in scored["fine_tuned"]]
-
     diagnostics = abstain_diagnostics(scored["fine_tuned"], test_rows)
-    rows = {"zero_shot": qa_metrics(zero_shot, test_rows, seconds["zero_shot"]),
-            "fine_tuned": qa_metrics(fine_tuned, test_rows, seconds["fine_tuned"]),
-            "fine_tuned_greedy": qa_metrics(greedy, test_rows),
-            "always_abstain": qa_metrics([""] * len(test_rows), test_rows)}
-    _say(f"fine-tuned EM {rows['fine_tuned']['exact']:.2f} F1 {rows['fine_tuned']['f1']:.2f} "
-         f"(greedy abstain: EM {rows['fine_tuned_greedy']['exact']:.2f}; always abstain: "
-         f"EM {rows['always_abstain']['exact']:.2f})")
+    rows = metric_rows(test_rows, zero_shot, fine_tuned, greedy, seconds)
 
     lora.save(model, out / "adapter", base_model_name_or_path=recipe.model,
               extra_files={"qa_task.json": _task_json(recipe, tuned)})
     examples = answer_new(task, model, new_examples, recipe, threshold, tuned["by"])
     elapsed = time.perf_counter() - t_start
     summary = {
-        "data": {"split": split_note, "test_questions": len(test_rows),
-                 "test_answerable": sum(not r["is_impossible"] for r in test_rows),
-                 "calibration_articles": sorted({r["title"] for r in calib_rows}),
-                 "calibration_questions": len(calib_rows), "train_questions": len(fit_rows),
-                 "train_articles": len({r["title"] for r in fit_rows}), "packed_sequences": len(packed),
-                 "train_tokens": n_tokens, "unpacked_tokens": unpacked, "test_contexts_cut": test_cut},
-        "train": {"steps": result.steps, "planned_steps": result.total_steps, "seconds": round(result.elapsed_s, 1),
-                  "input_tokens_per_s": round(n_tokens * result.epochs / max(result.elapsed_s, 1e-9), 1),
-                  "final_loss": result.final_loss, "stopped": result.stopped},
+        "data": _data_summary(split_note, fit_rows, calib_rows, test_rows, packed, unpacked, test_cut),
+        "train": _train_summary(result, packed),
         "abstain": {"mode": recipe.abstain, **tuned, "calibration_greedy_exact":
-                    _greedy_em(task, scored["calibration"], calib_rows),
+                    greedy_em(task, scored["calibration"], calib_rows),
                     "calibration_seconds": seconds["calibration"]},
         "diagnostics": diagnostics,
         "trainable_parameters": counts,
@@ -330,6 +214,43 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
                  config=dataclasses.asdict(recipe), extra=summary, elapsed=elapsed)
     atomic_write(out / "results.md", results_markdown(rows, summary, elapsed))
     return json.loads((out / "metrics.json").read_text())
+
+
+def calibrate(task: GenerationTask, scored: Sequence[dict], calib_rows: Sequence[dict]) -> dict:
+    """tune_threshold on the calibration articles' scored answers, said with the greedy rule's EM beside it."""
+    tuned = tune_threshold(scored, calib_rows)
+    say(f"abstain threshold {tuned['threshold']:.3f} on log p(abstain) - log p({tuned['by']}): calibration EM "
+        f"{tuned['exact']:.2f} (greedy {greedy_em(task, scored, calib_rows):.2f})")
+    return tuned
+
+
+def metric_rows(test_rows, zero_shot, fine_tuned, greedy, seconds: dict) -> dict[str, dict]:
+    """The table's rows: zero-shot, fine-tuned (calibrated abstain), fine-tuned greedy, always abstain."""
+    rows = {"zero_shot": qa_metrics(zero_shot, test_rows, seconds["zero_shot"]),
+            "fine_tuned": qa_metrics(fine_tuned, test_rows, seconds["fine_tuned"]),
+            "fine_tuned_greedy": qa_metrics(greedy, test_rows),
+            "always_abstain": qa_metrics([""] * len(test_rows), test_rows)}
+    say(f"fine-tuned EM {rows['fine_tuned']['exact']:.2f} F1 {rows['fine_tuned']['f1']:.2f} "
+        f"(greedy abstain: EM {rows['fine_tuned_greedy']['exact']:.2f}; always abstain: "
+        f"EM {rows['always_abstain']['exact']:.2f})")
+    return rows
+
+
+def _data_summary(split_note: str, fit_rows, calib_rows, test_rows, packed, unpacked: int, test_cut: int) -> dict:
+    return {"split": split_note, "test_questions": len(test_rows),
+            "test_answerable": sum(not r["is_impossible"] for r in test_rows),
+            "calibration_articles": sorted({r["title"] for r in calib_rows}),
+            "calibration_questions": len(calib_rows), "train_questions": len(fit_rows),
+            "train_articles": len({r["title"] for r in fit_rows}), "packed_sequences": len(packed),
+            "train_tokens": sum(len(p["input_ids"]) for p in packed), "unpacked_tokens": unpacked,
+            "test_contexts_cut": test_cut}
+
+
+def _train_summary(result, packed) -> dict:
+    n_tokens = sum(len(p["input_ids"]) for p in packed)
+    return {"steps": result.steps, "planned_steps": result.total_steps, "seconds": round(result.elapsed_s, 1),
+            "input_tokens_per_s": round(n_tokens * result.epochs / max(result.elapsed_s, 1e-9), 1),
+            "final_loss": result.final_loss, "stopped": result.stopped}
 
 
 def three_sides(recipe: QARecipe, train_rows, test_rows) -> tuple[list[dict], list[dict], list[dict]]:
@@ -347,8 +268,8 @@ def train(recipe: QARecipe, model, task: GenerationTask, rows: Sequence[dict]):
     """train.fit on the packed questions; returns (FitResult, the packed sequences, tokens one by one)."""
     unpacked = sum(task.length(r) for r in rows)
     packed = pack_training_set(task, rows, recipe.max_turns, recipe.seed)
-    _say(f"{len(rows)} training questions packed into {len(packed)} sequences: "
-         f"{sum(len(p['input_ids']) for p in packed):,} tokens ({unpacked:,} one by one)")
+    say(f"{len(rows)} training questions packed into {len(packed)} sequences: "
+        f"{sum(len(p['input_ids']) for p in packed):,} tokens ({unpacked:,} one by one)")
     config = TrainConfig.from_recipe(recipe, batch_size=min(recipe.batch_size, len(packed)))
     loss_fn = _with_deadline(task.loss, recipe.train_minutes)
     result = fit(model, packed, config, loss_fn=loss_fn, collate_fn=task.collate,
@@ -373,7 +294,7 @@ def _with_deadline(loss_fn, minutes: float | None):
         nonlocal deadline
         deadline = deadline or time.perf_counter() + 60 * minutes
         if time.perf_counter() > deadline:
-            _say(f"train_minutes={minutes} reached: stopping training here")
+            say(f"train_minutes={minutes} reached: stopping training here")
             timed.deadline_reached = True
             raise KeyboardInterrupt
         return loss_fn(model, batch)
@@ -390,66 +311,8 @@ def answer_new(task: GenerationTask, model, examples: Sequence[dict], recipe: QA
         answer = task.decide(s, threshold, by)
         out.append({"question": ex["question"], "answer": answer or recipe.unanswerable,
                     "margin": round(s["logp_abstain"] - s[f"logp_{by}"], 3)})
-        _say(f"  Q: {ex['question']}\n  A: {out[-1]['answer']}  (margin {out[-1]['margin']:+.2f})")
+        say(f"  Q: {ex['question']}\n  A: {out[-1]['answer']}  (margin {out[-1]['margin']:+.2f})")
     return out
-
-
-def prediction_rows(test_rows, zero_shot, fine_tuned, greedy, scored, by) -> list[dict]:
-    return [{"id": r["id"], "question": r["question"], "gold_answers": " | ".join(r["answers"]),
-             "is_impossible": r["is_impossible"], "zero_shot_pred": z, "fine_tuned_pred": f,
-             "fine_tuned_greedy_pred": g, "fine_tuned_span": s["answer"],
-             "abstain_margin": round(s["logp_abstain"] - s[f"logp_{by}"], 4)}
-            for r, z, f, g, s in zip(test_rows, zero_shot, fine_tuned, greedy, scored)]
-
-
-def results_markdown(rows: dict, summary: dict, elapsed: float) -> str:
-    """The table of every row (EM/F1 overall, answerable, unanswerable), then how the numbers were made."""
-    data, train, ab = summary["data"], summary["train"], summary["abstain"]
-    lines = ["# SQuAD 2.0: zero-shot vs QLoRA fine-tuned", "",
-             f"Test: {data['test_questions']} questions ({data['test_answerable']} answerable, "
-             f"{data['test_questions'] - data['test_answerable']} unanswerable) from test ARTICLES only. "
-             f"{data['split']}", "",
-             "| row | EM | F1 | HasAns EM | HasAns F1 | NoAns EM | ROUGE-L | abstains |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, m in rows.items():
-        cells = [m["exact"], m["f1"], m["has_ans_exact"], m["has_ans_f1"], m["no_ans_exact"], m["rouge_l"]]
-        lines.append(f"| {name.replace('_', '-')} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells)
-                     + f" | {100 * m['abstain_rate']:.1f}% |")
-    lines += ["", "Scores in percent, official SQuAD v2 normalisation (EM 55.00 = 0.550). fine-tuned abstains "
-              f"iff log p(abstain) - log p({ab['by']}) > {ab['threshold']:.3f}, the threshold tuned on "
-              f"{data['calibration_questions']} questions of held-out TRAIN articles "
-              f"({', '.join(data['calibration_articles'])}; EM there {ab['exact']:.2f}, greedy "
-              f"{ab['calibration_greedy_exact']:.2f}); fine-tuned-greedy abstains iff the abstain token is the "
-              "argmax.", "",
-              _diagnostics_markdown(summary["diagnostics"], data["test_answerable"]), "",
-              f"Training: {data['train_questions']} questions of {data['train_articles']} articles, packed into "
-              f"{data['packed_sequences']} sequences ({data['train_tokens']:,} tokens), {_steps_done(train)} in "
-              f"{train['seconds']:.0f} s ({train['input_tokens_per_s']:.0f} tokens/s), final loss "
-              f"{train['final_loss'] if train['final_loss'] is None else round(train['final_loss'], 4)}.",
-              f"Evaluation: zero-shot {rows['zero_shot'].get('eval_seconds', 0):.0f} s, calibration "
-              f"{ab['calibration_seconds']:.0f} s, fine-tuned {rows['fine_tuned'].get('eval_seconds', 0):.0f} s. "
-              f"Run time: {elapsed:.0f} s ({elapsed / 60:.1f} min).", ""]
-    return "\n".join(lines)
-
-
-def _steps_done(train: dict) -> str:
-    """'N steps', or 'N of M steps (why)' when training stopped before the M it was planned for."""
-    done, planned, stopped = train["steps"], train.get("planned_steps"), train.get("stopped")
-    if stopped is None or not planned or done >= planned:
-        return f"{done} steps"
-    why = {"train_minutes": "stopped by the train_minutes guard", "nan": "stopped at a NaN loss"}.get(stopped, stopped)
-    return f"{done} of {planned} steps ({why})"
-
-
-def _diagnostics_markdown(d: dict, n_answerable: int) -> str:
-    if d["span_exact"] is None:
-        return "Diagnostics: no answerable question in the test sample."
-    auc = ", ".join(f"{v:.3f} by {k}" for k, v in d["abstain_auc"].items() if v is not None) or "–"
-    return (f"Diagnostics (fine-tuned, test sample): the span it would give is right on {d['span_exact']:.1f}% of "
-            f"the {n_answerable} answerable questions (F1 {d['span_f1']:.1f}) if it never abstained; its abstain "
-            f"margin tells unanswerable from answerable at ROC AUC {auc} (0.5 = chance); the best threshold "
-            f"chosen on the test sample itself would give EM {d['oracle']['exact']:.2f} (an upper bound, not a "
-            "result).")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -464,14 +327,6 @@ def _check_disjoint(*parts: Sequence[dict]) -> None:
                 raise ValueError(f"article {title!r} is on two sides of the split; use an article-disjoint split")
 
 
-def _by_id(rows: Sequence[dict], predictions: Sequence[str]) -> dict[str, str]:
-    return {r["id"]: p for r, p in zip(rows, predictions)}
-
-
-def _greedy_em(task: GenerationTask, scored: Sequence[dict], rows: Sequence[dict]) -> float:
-    return squad_metrics(_by_id(rows, [task.decide(s) for s in scored]), rows)["exact"]
-
-
 def _task_json(recipe: QARecipe, tuned: dict) -> str:
     """qa_task.json beside the adapter: the prompt and the abstain rule a reader needs to reuse it."""
     meta = {"model": recipe.model, "system": recipe.system, "instruction": recipe.instruction,
@@ -480,7 +335,3 @@ def _task_json(recipe: QARecipe, tuned: dict) -> str:
             "abstain_threshold": tuned["threshold"],
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}}
     return json.dumps(meta, indent=2) + "\n"
-
-
-def _say(msg: str) -> None:
-    print(msg, flush=True)

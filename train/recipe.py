@@ -31,12 +31,12 @@ import lora
 import quant
 from lora.atomic import atomic_dir, atomic_write
 
-from .distributed import is_main
+from .distributed import is_main, say
 from .loop import FitResult, TrainConfig, fit
 from .metrics import classification_metrics
 from .models import load_model
 from .report import write_report
-from .task import ClassificationTask, cut
+from .tasks import ClassificationTask, cut
 
 
 @dataclass
@@ -49,7 +49,7 @@ class ClassificationRecipe:
     max_length: int = 256                         # prompt tokens; the text part is truncated beyond it
     eval_max_length: int | None = None            # prompt tokens when evaluating and predicting (every row:
                                                   # zero-shot, k-shot, fine-tuned); None: max_length
-    keep: str = "head"                            # what a long text keeps: "head" | "head+tail" (see task.py)
+    keep: str = "head"                            # what a long text keeps: "head" | "head+tail" (train/tasks/)
     few_shot: int = 0                             # k examples in the prompt for a k-shot baseline row
     shot_tokens: int = 128                        # each shot's text is cut to this many tokens (same `keep`)
     group_key: str | None = None                  # e.g. "language": metrics per group as well as overall
@@ -78,6 +78,8 @@ class ClassificationRecipe:
     seed: int = 0
     resume: bool = False
     export_merged: str | None = None              # write a plain HF checkpoint of the merged model here
+    columns: dict | None = None                   # {"text", "label"}: the user's column names, kept in task.json
+                                                  # so `python -m train eval/predict` read the same columns
     extra: dict = field(default_factory=dict)     # anything the example wants recorded in metrics.json
 
     @property
@@ -190,53 +192,28 @@ def run_classification(
 
     task = build_task(recipe, tokenizer)                                   # training prompts
     eval_task = build_task(recipe, tokenizer, evaluation=True)             # held-out and new texts
-    rows: dict[str, dict] = {}
-    probs_by_row: dict[str, np.ndarray] = {}
-    rows["zero_shot"], probs_by_row["zero_shot"] = evaluate(eval_task, model, test_rows, label_names,
-                                                            recipe.eval_batch_size, recipe.group_key)
-    _say(f"zero-shot accuracy {rows['zero_shot']['accuracy']:.4f}")
-    if recipe.few_shot > 0:
-        name = f"few_shot_{recipe.few_shot}"
-        k_task = few_shot_task(recipe, tokenizer, train_rows, len(label_names), eval_task.budget)
-        rows[name], probs_by_row[name] = evaluate(k_task, model, test_rows, label_names,
-                                                  max(1, recipe.eval_batch_size // 4), recipe.group_key)
-        _say(f"{recipe.few_shot}-shot accuracy {rows[name]['accuracy']:.4f}")
-
-    quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
-                   compute_dtype=dtype, backend=recipe.backend)
-    lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets,
-                use_rslora=recipe.use_rslora, compute_dtype=recipe.adapter_compute)
-    counts = lora.trainable_parameters(model)
+    rows, probs_by_row = baselines(recipe, model, tokenizer, eval_task, train_rows, test_rows, label_names)
+    counts = quantize_and_inject(model, recipe, dtype)
     memory = quant.memory_report(model)
-    _say(f"trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
-
     result = fit_classifier(model, task, train_rows, recipe)
 
     model.eval()
     truncated_before = eval_task.n_truncated
     rows["fine_tuned"], probs_by_row["fine_tuned"] = evaluate(eval_task, model, test_rows, label_names,
                                                               recipe.eval_batch_size, recipe.group_key)
-    _say(f"fine-tuned accuracy {rows['fine_tuned']['accuracy']:.4f}")
+    say(f"fine-tuned accuracy {rows['fine_tuned']['accuracy']:.4f}")
     test_truncated = eval_task.n_truncated - truncated_before
     if not is_main():
         return rows
     lora.save(model, out / "adapter", base_model_name_or_path=recipe.model,
               extra_files={"task.json": _task_json(recipe, label_names)})
-    examples = []
-    if new_texts:
-        p = eval_task.predict_proba(model, list(new_texts), batch_size=recipe.eval_batch_size)
-        examples = [{"text": t, "label": label_names[int(i)], "p": round(float(pi.max()), 4)}
-                    for t, i, pi in zip(new_texts, p.argmax(1), p)]
-        for e in examples:
-            _say(f"  {e['label']:>9s} ({e['p']:.2f})  {e['text']}")
+    examples = predict_texts(eval_task, model, new_texts, label_names, recipe.eval_batch_size)
     if recipe.export_merged:
         export_merged(model, tokenizer, recipe.export_merged)
 
-    predictions = _prediction_rows(test_rows, probs_by_row, label_names, recipe.group_key)
+    predictions = prediction_table(test_rows, probs_by_row, label_names, recipe.group_key)
     summary = {
-        "train": {"examples": len(train_rows), "steps": result.steps, "seconds": round(result.elapsed_s, 1),
-                  "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
-                  "stopped": result.stopped, "texts_truncated": task.n_truncated},
+        "train": {**train_summary(result, len(train_rows)), "texts_truncated": task.n_truncated},
         "test": {"examples": len(test_rows), "texts_truncated": test_truncated,
                  "max_length": eval_task.max_length},
         "trainable_parameters": counts,
@@ -252,11 +229,59 @@ def run_classification(
     return json.loads((out / "metrics.json").read_text())
 
 
+def baselines(recipe: ClassificationRecipe, model, tokenizer, eval_task, train_rows, test_rows,
+              label_names) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """The rows before training: zero-shot, and k-shot when recipe.few_shot > 0; (metrics, probabilities)."""
+    rows: dict[str, dict] = {}
+    probs_by_row: dict[str, np.ndarray] = {}
+    rows["zero_shot"], probs_by_row["zero_shot"] = evaluate(eval_task, model, test_rows, label_names,
+                                                            recipe.eval_batch_size, recipe.group_key)
+    say(f"zero-shot accuracy {rows['zero_shot']['accuracy']:.4f}")
+    if recipe.few_shot > 0:
+        name = f"few_shot_{recipe.few_shot}"
+        k_task = few_shot_task(recipe, tokenizer, train_rows, len(label_names), eval_task.budget)
+        rows[name], probs_by_row[name] = evaluate(k_task, model, test_rows, label_names,
+                                                  max(1, recipe.eval_batch_size // 4), recipe.group_key)
+        say(f"{recipe.few_shot}-shot accuracy {rows[name]['accuracy']:.4f}")
+    return rows, probs_by_row
+
+
+def quantize_and_inject(model, recipe, dtype: torch.dtype) -> dict:
+    """The backbone to NF4 (computing in `dtype`), then LoRA adapters; returns lora.trainable_parameters."""
+    quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
+                   compute_dtype=dtype, backend=recipe.backend)
+    lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets,
+                use_rslora=getattr(recipe, "use_rslora", False),       # QARecipe has no such field: inject's default
+                compute_dtype=recipe.adapter_compute)
+    counts = lora.trainable_parameters(model)
+    say(f"trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
+    return counts
+
+
 def fit_classifier(model, task, train_rows: Sequence[dict], recipe) -> FitResult:
     """train.fit on the task-encoded (text, label) rows, batched by length, with the recipe's TrainConfig."""
     encoded = [{"input_ids": task.encode(r["text"]), "label": int(r["label"])} for r in train_rows]
     return fit(model, encoded, TrainConfig.from_recipe(recipe), loss_fn=task.loss, collate_fn=task.collate,
                length_fn=lambda ex: len(ex["input_ids"]))
+
+
+def train_summary(result: FitResult, n_examples: int) -> dict:
+    """metrics.json's "train" entry."""
+    return {"examples": n_examples, "steps": result.steps, "seconds": round(result.elapsed_s, 1),
+            "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
+            "stopped": result.stopped}
+
+
+def predict_texts(task, model, texts: Sequence[str], label_names, batch_size: int) -> list[dict]:
+    """The predicted label and its probability for each new text, each said as it comes."""
+    if not texts:
+        return []
+    probs = task.predict_proba(model, list(texts), batch_size=batch_size)   # (N, C)
+    examples = [{"text": t, "label": label_names[int(p.argmax())], "p": round(float(p.max()), 4)}
+                for t, p in zip(texts, probs)]
+    for e in examples:
+        say(f"  {e['label']:>9s} ({e['p']:.2f})  {e['text']}")
+    return examples
 
 
 def build_task(recipe: ClassificationRecipe, tokenizer, evaluation: bool = False) -> ClassificationTask:
@@ -321,7 +346,7 @@ def _task_json(recipe: ClassificationRecipe, label_names) -> str:
     meta = {"model": recipe.model, "label_names": list(label_names), "label_words": list(recipe.label_words),
             "instruction": recipe.instruction, "system": recipe.system,
             "max_length": recipe.test_max_length,
-            "keep": recipe.keep,
+            "keep": recipe.keep, "columns": recipe.columns,
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant}}
     return json.dumps(meta, indent=2) + "\n"
 
@@ -341,7 +366,8 @@ def _balanced_shots(rows: Sequence[dict], k: int, n_classes: int, seed: int) -> 
     return [shots[i] for i in rng.permutation(len(shots))]
 
 
-def _prediction_rows(test_rows, probs_by_row, label_names, group_key: str | None = None) -> list[dict]:
+def prediction_table(test_rows, probs_by_row, label_names, group_key: str | None = None) -> list[dict]:
+    """predictions.csv: each test row with every row's (zero-shot, ...) predicted label and its probability."""
     out = []
     for i, r in enumerate(test_rows):
         row = {"text": r["text"], "label": label_names[int(r["label"])]}
@@ -352,8 +378,3 @@ def _prediction_rows(test_rows, probs_by_row, label_names, group_key: str | None
             row[f"{name}_p"] = round(float(probs[i].max()), 4)
         out.append(row)
     return out
-
-
-def _say(msg: str) -> None:
-    if is_main():
-        print(msg, flush=True)

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from _ddp_worker import collate, loss_fn, tiny_model, toy_data, trainable_state
+from train.batches import epoch_batches
 from train.checkpointing import (disable_gradient_checkpointing, enable_gradient_checkpointing, find_blocks,
                                  is_gradient_checkpointing)
-from train.loop import FitResult, TrainConfig, epoch_batches, fit, latest_checkpoint, lr_multiplier
+from train.loop import FitResult, TrainConfig, fit, latest_checkpoint, lr_multiplier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from train import models
-from train.task import ClassificationTask
+from train.tasks import ClassificationTask
 
 
 def tiny_folder(tmp_path, pad: bool = False):

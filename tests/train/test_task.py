@@ -1,4 +1,4 @@
-"""train.task: prompts, truncation, batching, and the label-word loss identity on tiny random models."""
+"""train.tasks: prompts, truncation, batching, and the label-word loss identity on tiny random models."""
 import warnings
 
 import numpy as np
@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import train.task as task_mod
-from train.task import IGNORE, ClassificationTask, GenerationTask, SequenceClassificationTask
+import train.tasks.common as task_mod
+import train.tasks.generation as generation_mod
+from train.tasks import IGNORE, ClassificationTask, GenerationTask, SequenceClassificationTask
 
 WORDS = ("negative neutral positive classify the sentiment of this review text a great bad film movie was is "
          "boring loved it plot acting answer question context unanswerable where paris france capital in city "
@@ -318,7 +319,7 @@ def test_generation_feeds_a_frozen_head_a_contiguous_input(tok, monkeypatch):
     probe.remove()
     assert seen and all(contiguous for _, contiguous in seen) and seen[0][0][0] == 2
     assert not head._forward_pre_hooks                           # removed again
-    monkeypatch.setattr(task_mod, "_contiguous_input", lambda m, args: args)   # the same run, no copy
+    monkeypatch.setattr(generation_mod, "_contiguous_input", lambda m, args: args)   # the same run, no copy
     seen.clear()
     probe = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
     assert task.generate_scored(model, QA, max_new_tokens=3, batch_size=2) == scored

@@ -1,0 +1,141 @@
+"""What the tasks share: the backbone without its head, the prompt's token helpers, and padded batches.
+
+A task (train/tasks/) says what a batch is and what the loss is; the loop (train/loop.py) only calls
+`collate_fn` and `loss_fn`. Three task types live here: ClassificationTask (a causal LM and a verbalizer,
+classification.py), SequenceClassificationTask (an encoder with a classification head, sequence.py) and
+GenerationTask (SQuAD v2 as generation, generation.py). The two classifiers share `Batched`: dynamic right
+padding, the cross-entropy over the class logits, and `predict_proba`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TEXT_SLOT = "<<<TEXT>>>"  # placeholder the prompt is rendered with, then split at
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (LlamaModel inside LlamaForCausalLM, ...)."""
+    if hasattr(model, "get_decoder"):
+        dec = model.get_decoder()
+        if dec is not None and dec is not model:
+            return dec
+    if isinstance(getattr(model, "model", None), nn.Module):
+        return model.model
+    raise TypeError(f"cannot find the backbone of {type(model).__name__} (no get_decoder() or .model)")
+
+
+def hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Last hidden states (B, T, d) of the backbone; HF output objects or tuples."""
+    out = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def softcap(logits: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Gemma-2 style final_logit_softcapping (cap * tanh(x / cap)) when the config has one."""
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None and hasattr(config, "get_text_config"):
+        cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def to_device(batch: dict, model: nn.Module) -> dict:
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def bos_ids(tokenizer, rendered: str) -> list[int]:
+    """[bos] when the tokenizer adds one by itself and the rendered prompt does not already start with it."""
+    bos = tokenizer.bos_token
+    if bos is None or rendered.startswith(bos):
+        return []
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [tokenizer.bos_token_id] if probe[:1] == [tokenizer.bos_token_id] else []
+
+
+# Batches are padded to a multiple of PAD_MULTIPLE tokens: fewer distinct shapes, so the allocator reuses freed
+# activations and oneDNN its kernels. Measured over 120 QLoRA steps of the SST-2 recipe (SmolLM2, batch 16,
+# 33-82 tokens): RSS 3.12-3.16 GB -> 2.78 GB at 4 (2.80 at 8, 2.96 at 16), 133-136 s -> 130 s; the encoder
+# (all-MiniLM-L6, 400 steps of 32 phrases): 1.82 -> 1.51 GB (1.46 at 8, 4 s slower). Pads are masked, so the
+# outputs at the real tokens equal the unpadded batch's to float rounding.
+PAD_MULTIPLE = 4
+
+
+def pad_right(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    T = -(-max(len(s) for s in seqs) // PAD_MULTIPLE) * PAD_MULTIPLE
+    out = torch.full((len(seqs), T), value, dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+class Batched:
+    """collate (dynamic right padding) and predict_proba shared by the two classification tasks."""
+
+    n_truncated = 0
+
+    def _warn_truncated(self, n_tokens: int, budget: int) -> None:
+        self.n_truncated += 1
+        if self.n_truncated == 1:
+            warnings.warn(f"{type(self).__name__}: a text of {n_tokens} tokens was cut to {budget} to fit "
+                          f"max_length={self.max_length}; further cuts are only counted (task.n_truncated)",
+                          stacklevel=3)
+
+    def collate(self, examples: Sequence[dict]) -> dict:
+        """{input_ids (B, T), attention_mask (B, T), last_index (B,), labels (B,) if every example has one}."""
+        ids = [ex["input_ids"] if "input_ids" in ex else self.encode(ex["text"]) for ex in examples]
+        lengths = torch.tensor([len(s) for s in ids])  # (B,)
+        batch = {"input_ids": pad_right(ids, self.tokenizer.pad_token_id),
+                 "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+                 "last_index": lengths - 1}
+        if all("label" in ex for ex in examples):
+            batch["labels"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
+        return batch
+
+    def length(self, example: dict) -> int:
+        return len(example["input_ids"]) if "input_ids" in example else len(self.encode(example["text"]))
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(mean cross-entropy over the batch, {"n_tokens": tokens processed})."""
+        logits = self.label_logits(model, batch)  # (B, C)
+        loss = F.cross_entropy(logits, batch["labels"].to(logits.device))
+        return loss, {"n_tokens": int(batch["attention_mask"].sum())}
+
+    @torch.no_grad()
+    def predict_proba(self, model: nn.Module, texts: Sequence[str], batch_size: int = 32,
+                      progress: bool = False) -> np.ndarray:
+        """Class probabilities (N, C), in the order of `texts`; batches are formed longest first."""
+        was_training, truncated_before = model.training, self.n_truncated
+        model.eval()
+        ids = [self.encode(t) for t in texts]
+        order = np.argsort([-len(s) for s in ids], kind="stable")
+        out = np.zeros((len(ids), self.num_classes), dtype=np.float32)
+        starts = range(0, len(ids), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="predict", unit="batch")
+        try:
+            for start in starts:
+                idx = order[start: start + batch_size]
+                batch = self.collate([{"input_ids": ids[i]} for i in idx])
+                out[idx] = self.label_logits(model, batch).softmax(-1).float().cpu().numpy()  # (b, C)
+        finally:
+            model.train(was_training)
+        if self.n_truncated > truncated_before:
+            warnings.warn(f"{self.n_truncated - truncated_before} of {len(ids)} texts were truncated to "
+                          f"max_length={self.max_length}", stacklevel=2)
+        return out
