@@ -29,9 +29,12 @@ def tiny_model(tmp_path_factory, smol_tok) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tok), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    return save_folder(tmp_path_factory.mktemp("tiny-llama"), model, smol_tok)
+
+
+def save_folder(folder: Path, model, tokenizer) -> Path:
     model.save_pretrained(folder)
-    smol_tok.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -129,10 +132,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                                      num_hidden_layers=2, num_attention_heads=2, num_labels=3))
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_folder(tmp_path_factory.mktemp("tiny-bert"), model, tokenizer)
 
 
 def test_fit_encoder_task_trains_a_head_and_predicts(tmp_path, tiny_encoder, capsys):
