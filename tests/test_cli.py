@@ -120,7 +120,8 @@ def test_fit_without_train_or_out_says_what_is_missing(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> Path:
-    """A 2-layer BERT with MiniLM's real tokenizer, saved as a local folder (what --task encoder --model takes)."""
+    """A 2-layer BERT with MiniLM's real tokenizer, saved as a local folder (what --task encoder --model takes);
+    its head has 2 labels, so a 3-class run must replace it."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from train import models
@@ -131,7 +132,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
         pytest.skip(f"MiniLM package not installed: {e}")
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                                     num_hidden_layers=2, num_attention_heads=2, num_labels=3))
+                                                     num_hidden_layers=2, num_attention_heads=2, num_labels=2))
     return save_folder(tmp_path_factory.mktemp("tiny-bert"), model, tokenizer)
 
 

@@ -319,7 +319,11 @@ def read_squad(source) -> list[dict]:
         return [{"id": r["id"], "title": r["title"], "context": r["context"], "question": r["question"],
                  "answers": list(r["answers"]["text"]), "is_impossible": not r["answers"]["text"]}
                 for r in _hub("squad_v2", None, "validation")]
-    path = _data_file(source, "dev-v2.0.json", "squad_v2")
+    return read_squad_file(_data_file(source, "dev-v2.0.json", "squad_v2"))
+
+
+def read_squad_file(path: Path) -> list[dict]:
+    """Every question of a SQuAD v2 JSON file ({"data": [articles]}), flattened, in file order."""
     doc = read_json(path, "the SQuAD v2 JSON (an object with a 'data' array)")
     rows = []
     for a, art in enumerate(_field(doc, "data", list, path, "the top level")):

@@ -15,6 +15,7 @@ Every problem is a ValueError (FileNotFoundError for a missing path) that names 
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -65,7 +66,10 @@ def classification_rows(path, *, text_column: str | None = None, label_column: s
 
 def qa_rows(path, *, role: str = "train") -> list[dict]:
     """SQuAD-v2-shaped rows from columns question, context, answers (a string, a list of strings, or SQuAD's
-    {"text": [...]}; empty when unanswerable), and optional id and title."""
+    {"text": [...]}; empty when unanswerable), and optional id and title; or a SQuAD v2 JSON file itself."""
+    if _is_squad_json(Path(path)):
+        from .data import read_squad_file
+        return read_squad_file(Path(path))
     table = read_table(path, role)
     keys = {name: find_column(path, table, None, names, name) for name, names in
             (("question", ("question", "query")), ("context", ("context", "passage", "document")),
@@ -78,6 +82,17 @@ def qa_rows(path, *, role: str = "train") -> list[dict]:
                      "question": _text(path, i, row[keys["question"]], keys["question"]),
                      "answers": answers, "is_impossible": not answers})
     return rows
+
+
+def _is_squad_json(path: Path) -> bool:
+    """A .json file holding one object with a "data" list (SQuAD's own layout), not rows."""
+    if not (path.is_file() and path.name.lower().endswith(".json")):
+        return False
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False                          # JSON lines, or broken: read_table says what is wrong
+    return isinstance(doc, dict) and isinstance(doc.get("data"), list)
 
 
 def find_column(path, table: list[dict], given: str | None, candidates: Sequence[str], what: str) -> str:

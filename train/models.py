@@ -242,9 +242,10 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
         else:
             if num_labels is None:
                 raise ValueError("kind='sequence-classification' needs num_labels")
+            # a saved head for another number of labels is replaced by a fresh one, as for a bare encoder
             model = AutoModelForSequenceClassification.from_pretrained(
                 folder, dtype=dtype, num_labels=num_labels, local_files_only=True,
-                pad_token_id=tokenizer.pad_token_id)
+                pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True)
     if quantize and not any(m.__class__.__name__ == "Linear4bit" for m in model.modules()):
         import quant
         quant.quantize(model, compute_dtype=dtype, **options)

@@ -118,3 +118,14 @@ def test_qa_rows_take_every_answer_form(tmp_path):
     assert [r["answers"] for r in got] == [["Paris"], [], ["a", "b"], []]
     assert [r["is_impossible"] for r in got] == [False, True, False, True]
     assert [r["id"] for r in got] == ["1", "2", "3", "4"]
+
+
+def test_qa_rows_read_a_squad_v2_json_file(tmp_path):
+    doc = {"version": "v2.0", "data": [{"title": "Paris", "paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": "a", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}],
+         "is_impossible": False},
+        {"id": "b", "question": "Who built it?", "answers": [], "is_impossible": True}]}]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(doc))
+    rows = files.qa_rows(tmp_path / "squad.json")
+    assert [(r["id"], r["title"], r["answers"], r["is_impossible"]) for r in rows] == [
+        ("a", "Paris", ["France"], False), ("b", "Paris", [], True)]
