@@ -295,51 +295,27 @@ def test_sst2_empty_file_names_the_expected_header(tmp_path):
         data.load_split("sst2", "train", data_dir=tmp_path)
 
 
-def test_sst2_row_without_a_tab_names_the_line(tmp_path):
-    folder = _write_sst2(tmp_path, ["good \t1", "no tab here 1"])
-    with _raises(ValueError, folder / "train.tsv", "line 3: no tab; expected 'sentence<TAB>label'"):
+@pytest.mark.parametrize("lines, message", [
+    (["good \t1", "no tab here 1"], "line 3: no tab; expected 'sentence<TAB>label'"),
+    (["good \t1", " \t0"], "line 3: the text is empty"),
+    (["good \tpostive"], r"line 2: label 'postive' is not one of \['negative', 'positive'\]"),
+], ids=["no-tab", "empty-text", "misspelt-label"])
+def test_sst2_bad_row_names_the_line(tmp_path, lines, message):
+    folder = _write_sst2(tmp_path, lines)
+    with _raises(ValueError, folder / "train.tsv", message):
         data.load_split("sst2", "train", data_dir=folder)
 
 
-def test_sst2_empty_text_names_the_line(tmp_path):
-    folder = _write_sst2(tmp_path, ["good \t1", " \t0"])
-    with _raises(ValueError, folder / "train.tsv", "line 3: the text is empty"):
-        data.load_split("sst2", "train", data_dir=folder)
-
-
-def test_sst2_misspelt_label_lists_the_label_set(tmp_path):
-    folder = _write_sst2(tmp_path, ["good \tpostive"])
-    with _raises(ValueError, folder / "train.tsv", r"line 2: label 'postive' is not one of \['negative', 'positive'\]"):
-        data.load_split("sst2", "train", data_dir=folder)
-
-
-def test_imdb_empty_file_is_an_error(tmp_path):
-    path = _write_imdb(tmp_path, "train", b"")
-    with _raises(ValueError, path, "is empty; expected the header row 'text,label'"):
-        data.load_split("imdb", "train", data_dir=tmp_path)
-
-
-def test_imdb_wrong_header_is_an_error(tmp_path):
-    path = _write_imdb(tmp_path, "train", b"review,sentiment\ngood,1\n")
-    with _raises(ValueError, path, "line 1: expected the header row 'text,label', got 'review,sentiment'"):
-        data.load_split("imdb", "train", data_dir=tmp_path)
-
-
-def test_imdb_row_with_wrong_field_count_names_its_first_line(tmp_path):
-    path = _write_imdb(tmp_path, "train", b'text,label\n"two\nlines",1\ngood,1,extra\n')
-    with _raises(ValueError, path, r"line 4: expected 2 fields \(text,label\), got 3"):
-        data.load_split("imdb", "train", data_dir=tmp_path)
-
-
-def test_imdb_unclosed_quote_is_malformed_csv(tmp_path):
-    path = _write_imdb(tmp_path, "train", b'text,label\ngood,1\n"never closed,1\nbad,0\n')
-    with _raises(ValueError, path, "malformed CSV in the row starting at line 3"):
-        data.load_split("imdb", "train", data_dir=tmp_path)
-
-
-def test_imdb_bad_label_names_the_line(tmp_path):
-    path = _write_imdb(tmp_path, "train", b"text,label\ngood,1\nbad,2\n")
-    with _raises(ValueError, path, "line 3: label '2' is not one of"):
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty; expected the header row 'text,label'"),
+    (b"review,sentiment\ngood,1\n", "line 1: expected the header row 'text,label', got 'review,sentiment'"),
+    (b'text,label\n"two\nlines",1\ngood,1,extra\n', r"line 4: expected 2 fields \(text,label\), got 3"),
+    (b'text,label\ngood,1\n"never closed,1\nbad,0\n', "malformed CSV in the row starting at line 3"),
+    (b"text,label\ngood,1\nbad,2\n", "line 3: label '2' is not one of"),
+], ids=["empty", "wrong-header", "field-count-first-line", "unclosed-quote", "bad-label"])
+def test_imdb_bad_file_names_the_problem(tmp_path, content, message):
+    path = _write_imdb(tmp_path, "train", content)
+    with _raises(ValueError, path, message):
         data.load_split("imdb", "train", data_dir=tmp_path)
 
 
@@ -374,21 +350,14 @@ def test_phrasebank_reads_latin1_and_utf8_copies_alike(tmp_path, encoding):
     assert data.read_phrasebank(tmp_path) == [{"text": "Seppälä grew .", "label": 2}]
 
 
-def test_multilingual_line_counts_must_match(tmp_path):
-    folder = _write_multilingual(tmp_path, b"a\nb\nc\n", b"0\n1\n")
-    with _raises(ValueError, folder / "english" / "train_text.txt", "has 3 lines but .*train_labels.txt has 2"):
-        data.load_split("multilingual_sentiment", "train", data_dir=folder, languages="english")
-
-
-def test_multilingual_bad_label_names_the_labels_file_line(tmp_path):
-    folder = _write_multilingual(tmp_path, b"a\nb\n", b"0\n3\n")
-    with _raises(ValueError, folder / "english" / "train_labels.txt", "line 2: label '3' is not one of"):
-        data.load_split("multilingual_sentiment", "train", data_dir=folder, languages="english")
-
-
-def test_multilingual_empty_text_names_the_text_file_line(tmp_path):
-    folder = _write_multilingual(tmp_path, b"a\n\n", b"0\n1\n")
-    with _raises(ValueError, folder / "english" / "train_text.txt", "line 2: the text is empty"):
+@pytest.mark.parametrize("texts, labels, bad_file, message", [
+    (b"a\nb\nc\n", b"0\n1\n", "train_text.txt", "has 3 lines but .*train_labels.txt has 2"),
+    (b"a\nb\n", b"0\n3\n", "train_labels.txt", "line 2: label '3' is not one of"),
+    (b"a\n\n", b"0\n1\n", "train_text.txt", "line 2: the text is empty"),
+], ids=["line-counts-differ", "bad-label", "empty-text"])
+def test_multilingual_bad_files_name_the_file_and_line(tmp_path, texts, labels, bad_file, message):
+    folder = _write_multilingual(tmp_path, texts, labels)
+    with _raises(ValueError, folder / "english" / bad_file, message):
         data.load_split("multilingual_sentiment", "train", data_dir=folder, languages="english")
 
 
