@@ -112,10 +112,15 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt or not a safetensors file: {e}") from None
+    check_finite(path, tensors)
+    return config, tensors
+
+
+def check_finite(path, tensors: dict[str, torch.Tensor]) -> None:
+    """A ValueError naming the file and the first tensor that holds NaN or Inf (weights read from `path`)."""
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"{path}: tensor {key!r} holds NaN or Inf values; refusing to load it")
-    return config, tensors
 
 
 def _read_config(path: Path) -> LoraConfig:

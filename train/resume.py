@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from lora.atomic import atomic_dir, atomic_write
+from lora.io import check_finite
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng_state.json", "trainer_state.json")
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -111,7 +112,7 @@ def load_checkpoint(path: Path, model, optimizer, run: dict) -> dict:
         raise ValueError(f"{path / 'trainable.safetensors'} holds trainable parameters "
                          f"{sorted(set(tensors) ^ set(named))[:5]} that do not match the model's: build the "
                          "model the same way (same targets, r, modules_to_save)")
-    _check_finite(path / "trainable.safetensors", tensors)
+    check_finite(path / "trainable.safetensors", tensors)
     with torch.no_grad():
         for name, p in named.items():
             p.copy_(tensors[name])
@@ -238,9 +239,3 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path} is missing: the checkpoint folder is incomplete") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupt or truncated (not a readable safetensors file: {e})") from None
-
-
-def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{path}: tensor {name!r} holds NaN or Inf values; refusing to resume from it")
