@@ -5,18 +5,23 @@ table gives the weight's bytes / time and that as a % of a copy measured on the 
 shapes (M = 512 .. 8192) are compute-bound: TFLOP/s = 2 M N K / time. Both passes are timed through
 autograd as a training step runs them: forward under inference_mode, backward as
 `autograd.grad(y, x, dy, retain_graph=True)` (input gradient only: the weight is frozen).
-Speedups are against the dense layer and against bitsandbytes, both run in this process.
+Speedups are against the dense layer (cuBLAS on a GPU, on the dense bf16 weight) and against bitsandbytes,
+both run in this process. "ours-auto" is Linear4bit(backend=None): the backend it measured and chose per pass
+is in the `chosen` column (quant.backend_choice()).
 
     python benchmarks/bench_matmul.py             # Llama-7B shapes, decode + training M (CUDA)
     python benchmarks/bench_matmul.py --small     # CPU-friendly shapes and M
+    python benchmarks/bench_matmul.py --device cuda --m 1 16 512 4096 --out /tmp/matmul    # -> /tmp/matmul.json
 """
 
 import argparse
 
 import torch
 import torch.nn.functional as F
-from common import copy_bandwidth, environment, pick_device, print_table, save_json, time_ms, to_bnb_state
+from common import (copy_bandwidth, environment, parse_shape, pick_device, print_table, save_json, time_ms,
+                    to_bnb_state, triton_reason)
 
+import quant
 from quant import Linear4bit
 
 LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
@@ -26,26 +31,25 @@ M_SMALL = [1, 4, 16, 128, 512]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = [("shape", "shape", "{}"), ("m", "M", "{}"), ("pass", "pass", "{}"), ("impl", "impl", "{}"),
            ("ms", "time ms", "{:.3f}"), ("tflops", "TFLOP/s", "{:.3f}"), ("w_gbps", "W GB/s", "{:.1f}"),
-           ("pct_copy", "% copy", "{:.1f}"), ("vs_dense", "vs dense", "{:.2f}x"), ("vs_bnb", "vs bnb", "{:.2f}x")]
+           ("pct_copy", "% copy", "{:.1f}"), ("vs_dense", "vs dense", "{:.2f}x"), ("vs_bnb", "vs bnb", "{:.2f}x"),
+           ("chosen", "chosen", "{}")]
 
 
-def layers(w, device):
+def layers(w, device, backends=("torch", "triton", None)):
     """name -> (forward fn(x), bytes of weight it reads); and the reasons for the ones left out."""
     impls = {"dense": (lambda x: F.linear(x, w), w.numel() * w.element_size())}
     skipped = {}
     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=device, dtype=w.dtype)
     linear.weight.data.copy_(w)
     linear.requires_grad_(False)
-    for backend in ("torch", "triton"):
-        if backend == "triton" and device.type != "cuda":
-            skipped["ours-triton"] = "CUDA only (the CPU interpreter runs numpy, not a kernel worth timing)"
+    for backend in backends:
+        why = triton_reason(device) if backend == "triton" else ""
+        if why:
+            skipped["ours-triton"] = why
             continue
         layer = Linear4bit.from_linear(linear, blocksize=64, double_quant=True, backend=backend)
-        if layer.backend != backend:
-            skipped[f"ours-{backend}"] = f"Linear4bit fell back to {layer.backend!r}"
-            continue
         nbytes = layer.weight.numel() + sum(t.numel() * t.element_size() for t in layer.quant_state.tensors())
-        impls[f"ours-{backend}"] = (layer, nbytes)
+        impls[f"ours-{backend or 'auto'}"] = (layer, nbytes)
     try:
         import bitsandbytes as bnb
         qs = to_bnb_state(layer.quant_state, w.dtype)
@@ -70,9 +74,18 @@ def time_passes(fn, m, in_f, out_f, dtype, device):
     return fwd, bwd
 
 
-def run(shapes, ms, dtype, device):
-    copy_gbps = copy_bandwidth(device)
-    print(f"copy bandwidth on {device}: {copy_gbps:.1f} GB/s (measured)\n")
+def chosen(out_f, in_f, m, device):
+    """What backend=None picked for this shape and M, per pass: {"fwd": ..., "bwd_x": ...}."""
+    from quant.backends import rows_bucket
+    ops = {"linear": "fwd", "grad_input": "bwd_x"}
+    return {ops[r["op"]]: r["backend"] for r in quant.backend_choice()
+            if r["op"] in ops and r["shape"] == [out_f, in_f] and r["rows"] == rows_bucket(m)
+            and r["device"].split(":")[0] == device.type}
+
+
+def run(shapes, ms, dtype, device, copy_mb=256):
+    copy_gbps = copy_bandwidth(device, copy_mb << 20)
+    print(f"copy bandwidth on {device}: {copy_gbps:.1f} GB/s (measured, {copy_mb} MiB buffers)\n")
     rows, all_skipped = [], {}
     for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02  # (out, in)
@@ -80,6 +93,7 @@ def run(shapes, ms, dtype, device):
         all_skipped.update(skipped)
         for m in ms:
             times = {name: time_passes(fn, m, in_f, out_f, dtype, device) for name, (fn, _) in impls.items()}
+            picks = chosen(out_f, in_f, m, device)
             for i, pass_name in enumerate(("fwd", "bwd_x")):
                 for name, t in times.items():
                     ms_ = t[i]
@@ -88,28 +102,34 @@ def run(shapes, ms, dtype, device):
                                  "tflops": 2 * m * out_f * in_f / ms_ / 1e9, "w_gbps": w_gbps,
                                  "pct_copy": 100 * w_gbps / copy_gbps,
                                  "vs_dense": times["dense"][i] / ms_,
-                                 "vs_bnb": times["bnb"][i] / ms_ if "bnb" in times else None})
+                                 "vs_bnb": times["bnb"][i] / ms_ if "bnb" in times else None,
+                                 "chosen": picks.get(pass_name) if name == "ours-auto" else None})
+        del w, impls
     return rows, copy_gbps, all_skipped
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="CPU-friendly shapes and M")
+    ap.add_argument("--shapes", type=parse_shape, nargs="+", help="OUTxIN weight shapes (overrides --small)")
     ap.add_argument("--dtype", choices=DTYPES, default="bf16", help="activation / compute dtype")
     ap.add_argument("--m", type=int, nargs="*", help="rows of x (default: decode + training sizes)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: repeatable on shared cores)")
+    ap.add_argument("--copy-mb", type=int, default=256, help="buffer size of the copy-bandwidth measurement")
+    ap.add_argument("--out", default="bench_matmul", help="results/<out>.json, or a path (.json is added)")
     args = ap.parse_args()
 
     device = pick_device(args.device, args.threads)
-    shapes = SMALL if args.small else LLAMA_7B
+    shapes = args.shapes or (SMALL if args.small else LLAMA_7B)
     ms = args.m or (M_SMALL if args.small else M_FULL)
-    rows, copy_gbps, skipped = run(shapes, ms, DTYPES[args.dtype], device)
+    rows, copy_gbps, skipped = run(shapes, ms, DTYPES[args.dtype], device, args.copy_mb)
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     print(f"NF4 linear ({args.dtype}, blocksize 64, double quant); W GB/s = weight bytes read / time")
     print_table(rows, COLUMNS)
-    save_json("bench_matmul", environment(device), rows, args=vars(args), copy_gbps=copy_gbps, skipped=skipped)
+    save_json(args.out, environment(device), rows, args=vars(args), copy_gbps=copy_gbps, skipped=skipped,
+              backend_choice=quant.backend_choice())
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def _answer_ids(tokenizer, task, c):
 def child(args):
     from train import ClassificationTask, load_split, load_tokenizer
     from train.batches import epoch_batches
-    from train.loop import lr_multiplier
+    from train.loop import TrainConfig, lr_multiplier, make_optimizer
     from train.recipe import ClassificationRecipe, pick_dtype
 
     pick_device("cpu", args.threads)
@@ -152,7 +152,9 @@ def child(args):
     total = len(batches)
     warmup = int(recipe.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr)
+    optimizer = make_optimizer(model, TrainConfig(out_dir="unused", lr=recipe.lr, weight_decay=0.01,
+                                                  loraplus_lr_ratio=args.loraplus_lr_ratio))
+    info["loraplus_lr_ratio"] = args.loraplus_lr_ratio
     setup_s = time.perf_counter() - wall0
     print(f"[{args.child}] setup {setup_s:.1f} s; {total} steps of {recipe.batch_size}; {info}", flush=True)
 
@@ -162,7 +164,8 @@ def child(args):
     for step, idx in enumerate(batches):
         t = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * lr_multiplier(step, warmup_steps=warmup, total_steps=total)
+            group["lr"] = recipe.lr * lr_multiplier(step, warmup_steps=warmup, total_steps=total) \
+                * group.get("lr_scale", 1.0)                                  # LoRA+: B's group at ratio x lr
         batch = collate([data[i] for i in idx])
         loss, _ = loss_fn(model, batch)
         loss.backward()
@@ -213,6 +216,8 @@ def parent(args):
                 "--peer-dropout", args.peer_dropout] + (["--no-peer-grad-ckpt"] if not args.peer_grad_ckpt else [])
         if args.eval_limit:
             argv += ["--eval-limit", args.eval_limit]
+        if args.loraplus_lr_ratio is not None and side == "ours":
+            argv += ["--loraplus-lr-ratio", args.loraplus_lr_ratio]
         busy = wait_until_idle(timeout_minutes=args.wait_idle)
         results[side] = run_child(Path(__file__).resolve(), argv)
         results[side]["others_busy_before"] = busy
@@ -249,6 +254,8 @@ def main():
     ap.add_argument("--train-limit", type=int, default=6000, help="training examples (one epoch; examples/sst2.py)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    ap.add_argument("--loraplus-lr-ratio", type=float, default=None,
+                    help="LoRA+ on our side: lora_B at this ratio x lr (train.TrainConfig.loraplus_lr_ratio)")
     ap.add_argument("--peer-dropout", type=float, default=0.05, help="the peer's lora_dropout")
     ap.add_argument("--no-peer-grad-ckpt", dest="peer_grad_ckpt", action="store_false",
                     help="the peer without gradient checkpointing")

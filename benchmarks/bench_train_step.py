@@ -90,7 +90,7 @@ def build_ours(args, dtype, device, adapter_compute="base"):
                 compute_dtype=adapter_compute)
     train.enable_gradient_checkpointing(model)
     layer = next(m for m in model.modules() if isinstance(m, quant.Linear4bit))
-    return model.train(), tokenizer, {"backend": layer.backend, "blocksize": layer.quant_state.blocksize,
+    return model.train(), tokenizer, {"backend": layer.backend or "auto", "blocksize": layer.quant_state.blocksize,
                                       "attention": model.config._attn_implementation,
                                       "adapter_compute": adapter_compute or "fp32"}
 
@@ -204,11 +204,23 @@ def child(args):
     if device.type == "cuda":
         result["cuda_peak"] = torch.cuda.max_memory_allocated()
         result["cuda_step_increase"] = result["cuda_peak"] - cuda_before
+    if not args.child.startswith("peer"):
+        result["backend_choice"] = backend_counts()
     if args.profile:
         result["profile"] = profile(model, batches[:2], loss_fn, optimizer, params, device)
     print(f"[{args.child}] {info}; trainable {result['trainable']:,}; losses {[round(x, 4) for x in losses]}",
           flush=True)
     write_child_result(args.result_file, result)
+
+
+def backend_counts():
+    """How many (op, shape, rows) classes backend=None gave each backend: {"linear triton": 4, ...}."""
+    import quant
+    counts = {}
+    for r in quant.backend_choice():
+        key = f"{r['op']} {r['backend']} ({r['how']})"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def profile(model, batches, loss_fn, optimizer, params, device, rows=25):

@@ -6,6 +6,7 @@ physical limit a memory-bound kernel is compared with is a copy measured in the 
 (`copy_bandwidth`), never a datasheet number (STYLE rule 20).
 """
 
+import argparse
 import json
 import os
 import platform
@@ -41,6 +42,23 @@ def time_ms(fn, device, min_run_time=0.2):
     # Timer runs single-threaded unless told otherwise; time what a user of this process gets.
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def parse_shape(text):
+    """'4096x11008' -> (4096, 11008): (out, in) for argparse's type=."""
+    try:
+        out_f, in_f = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is OUTxIN, e.g. 4096x11008; got {text!r}") from None
+    return out_f, in_f
+
+
+def triton_reason(device):
+    """"" when quant.triton_kernels runs on `device` (CUDA, or the CPU with TRITON_INTERPRET=1), else why not."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CUDA only (or TRITON_INTERPRET=1 for a plumbing check: the interpreter's times mean nothing)"
+    from quant import triton_kernels as tk
+    return tk.is_available()[1]
 
 
 def copy_bandwidth(device, nbytes=256 << 20):

@@ -35,6 +35,9 @@ def parser(description: str, *, train_limit: int, out_name: str) -> argparse.Arg
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--loraplus-lr-ratio", type=float, default=None,
+                   help="LoRA+: lora_B learns at this ratio x --lr (its paper: 16); default plain LoRA")
+    p.add_argument("--use-dora", action="store_true", help="DoRA: weight-decomposed LoRA (PEFT's use_dora)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.0)
@@ -43,6 +46,7 @@ def parser(description: str, *, train_limit: int, out_name: str) -> argparse.Arg
                    help="adapter math in the backbone dtype (fp32 weights, bf16 matmuls) or in fp32")
     p.add_argument("--backend", default=None, choices=[None, "torch", "bnb", "triton"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N")
     p.add_argument("--few-shot", type=int, default=0, help="k for a k-shot baseline row (0: none)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--lean-memory", action=_LeanMemory, nargs=0, default=False,
@@ -59,7 +63,9 @@ def recipe_from_args(args: argparse.Namespace, **task) -> ClassificationRecipe:
     return ClassificationRecipe(
         out_dir=args.out, model=args.model, r=args.r, alpha=args.alpha, dropout=args.dropout,
         targets=args.targets, adapter_compute=args.adapter_compute, backend=args.backend, dtype=args.dtype,
+        device=args.device,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, few_shot=args.few_shot, grad_checkpointing=args.grad_checkpointing, resume=args.resume,
+        lr=args.lr, loraplus_lr_ratio=args.loraplus_lr_ratio, use_dora=args.use_dora, few_shot=args.few_shot,
+        grad_checkpointing=args.grad_checkpointing, resume=args.resume,
         export_merged=args.export_merged, seed=args.seed, **task)
 

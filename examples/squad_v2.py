@@ -61,8 +61,9 @@ def main() -> None:
         train_minutes=args.train_minutes,
         r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
         adapter_compute=args.adapter_compute, backend=args.backend,
-        dtype=args.dtype, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
+        dtype=args.dtype, device=args.device, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, loraplus_lr_ratio=args.loraplus_lr_ratio, use_dora=args.use_dora,
+        grad_checkpointing=args.grad_checkpointing, seed=args.seed,
         resume=args.resume)
     print(note, flush=True)
     run_qa(recipe, train_rows, test_rows, new_examples=NEW_EXAMPLES, split_note=note)

@@ -14,7 +14,12 @@ Modules under `modules_to_save` are never adapted (PEFT's rule); they stay train
 in full. Everything else is frozen.
 
 Injection is planned before it is applied: every check (ranges, targets that match nothing, non-linear
-targets, a model that already has LoRA) runs first, so a failed call leaves the model untouched.
+targets, a model that already has an adapter of that name) runs first, so a failed call leaves the model
+untouched.
+
+`use_dora=True` adds DoRA's trained magnitude per output row (lora.dora). `adapter_name` names the adapter
+(PEFT's "default" unless given); a model that already has adapters gets a further one beside them, on the
+modules its own targets select (wrapped ones included), inactive until lora.set_adapter (lora.adapters).
 """
 
 import difflib
@@ -25,8 +30,10 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .layer import (LoRALinear, check_alpha, check_compute_dtype, check_dropout, check_rank, check_use_rslora,
-                    describe, is_linear_like, is_quantized)
+from . import adapters
+from .checks import (DEFAULT_ADAPTER, check_adapter_name, check_alpha, check_compute_dtype, check_dropout, check_rank,
+                     check_use_dora, check_use_rslora, describe)
+from .layer import LoRALinear, adapter_parameters, has_dense_weight, is_linear_like, is_quantized, lora_layers
 
 ALL_LINEAR = "all-linear"
 HEAD_NAMES = ("lm_head", "classifier", "score")
@@ -40,6 +47,7 @@ class LoraConfig:
     target_modules: list[str] | str = ALL_LINEAR    # name suffixes, a regex (full match), or "all-linear"
     modules_to_save: list[str] | None = None        # trained and saved in full, e.g. ["classifier"]
     use_rslora: bool = False                        # rank-stabilised scaling alpha / sqrt(r)
+    use_dora: bool = False                          # DoRA: trained magnitude per output row (lora.dora)
     task_type: str | None = None                    # PEFT's task type ("CAUSAL_LM", "SEQ_CLS", ...)
     base_model_name_or_path: str | None = None      # written to adapter_config.json
     target_names: list[str] = field(default_factory=list)  # resolved full names of the adapted modules
@@ -50,6 +58,7 @@ class LoraConfig:
         check_alpha(self.lora_alpha, "lora_alpha")
         check_dropout(self.lora_dropout, "lora_dropout")
         check_use_rslora(self.use_rslora)
+        check_use_dora(self.use_dora)
         self.target_modules = _check_targets(self.target_modules, "target_modules")
         self.modules_to_save = _check_modules_to_save(self.modules_to_save)
         _check_metadata(self)
@@ -105,10 +114,6 @@ def _check_names(names, name: str) -> list[str]:
     return list(names)
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
 def _suffix_match(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
@@ -147,22 +152,43 @@ def resolve_modules_to_save(model: nn.Module, keys, strict: bool = True) -> list
     return sorted({n for n in found if not _under(n, [p for p in found if p != n])})
 
 
+def _plannable(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's modules as the user named them: a LoRALinear stands for its base, its insides are hidden."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return {n: m for n, m in model.named_modules() if not any(n.startswith(w + ".") for w in wrapped)}
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return is_linear_like(module) or isinstance(module, LoRALinear)
+
+
 def plan_targets(model: nn.Module, config: LoraConfig, saved: list[str]) -> list[str]:
-    """Full names of the linear layers to wrap; raises (naming the problem) before anything changes."""
-    modules = dict(model.named_modules())
+    """Full names of the linear layers to adapt (plain, or already wrapped for another adapter); raises
+    (naming the problem) before anything changes."""
+    modules = _plannable(model)
     if config.target_modules == ALL_LINEAR:
         skip = _output_heads(model) + saved
-        hits = [n for n, m in modules.items() if n and is_linear_like(m) and not _under(n, skip)]
+        hits = [n for n, m in modules.items() if n and _adaptable(m) and not _under(n, skip)]
         if not hits:
             raise ValueError(f"targets='all-linear' found no linear layer in {type(model).__name__} "
                              "(outside the output head and modules_to_save)")
-        return hits
+        return _check_dora(config, hits, modules)
     hits = [n for n in _match_names(model, [n for n in modules if n], config.target_modules) if not _under(n, saved)]
     if not hits:
         raise ValueError(f"every module that targets {config.target_modules!r} selects lies inside modules_to_save "
                          f"{saved}, which are trained in full and never adapted; target other modules")
     for n in hits:
         _check_linear(n, modules[n])
+    return _check_dora(config, hits, modules)
+
+
+def _check_dora(config: LoraConfig, hits: list[str], modules: dict) -> list[str]:
+    """DoRA needs each base's dense weight (for ||W + s·B·A||): a float weight or a dequantize()."""
+    for n in hits if config.use_dora else []:
+        base = modules[n].base_layer if isinstance(modules[n], LoRALinear) else modules[n]
+        if not (has_dense_weight(base) or is_quantized(base)):
+            raise ValueError(f"use_dora=True needs the weight of {n!r} ({type(base).__name__}) as a float [out, in] "
+                             "tensor or through dequantize(); it has neither. Use use_dora=False for this layer")
     return hits
 
 
@@ -184,7 +210,7 @@ def _match_names(model: nn.Module, names: list[str], targets) -> list[str]:
 
 
 def _check_linear(name: str, module: nn.Module) -> None:
-    if is_linear_like(module):
+    if _adaptable(module):
         return
     kids = [c for c, m in module.named_modules() if c and is_linear_like(m)][:3]
     hint = f"; its linear children: {', '.join(kids)}" if kids else ""
@@ -202,52 +228,82 @@ def _infer_task_type(model: nn.Module, targets: list[str]) -> str | None:
     return None
 
 
-def check_not_injected(model: nn.Module) -> None:
+def check_can_add(model: nn.Module, adapter_name: str) -> None:
+    """Adding adapter `adapter_name`: a new name, an unmerged model, and LoRA layers that lora made."""
     existing = lora_layers(model)
-    if existing:
-        raise ValueError(f"model already has LoRA ({len(existing)} LoRALinear layers, e.g. {existing[0][0]!r}); "
-                         "inject once, or call lora.merge_and_unload(model) first / start from a fresh model")
+    reg = adapters.find_registry(model)
+    if existing and (reg is None or adapter_name in reg.configs):
+        named = f" with an adapter named {adapter_name!r}" if reg is not None else ""
+        raise ValueError(f"model already has LoRA ({len(existing)} LoRALinear layers, e.g. {existing[0][0]!r}){named}; "
+                         "inject once, pass adapter_name='...' to add another adapter, or call "
+                         "lora.merge_and_unload(model) first / start from a fresh model")
+    adapters.check_not_merged(model, f"add adapter {adapter_name!r}")
 
 
-def apply(model: nn.Module, config: LoraConfig, targets: list[str], saved: list[str]) -> nn.Module:
-    """Wrap `targets`, freeze all but adapters and `saved`, and store `config` on the model."""
+def apply(model: nn.Module, config: LoraConfig, targets: list[str], saved: list[str],
+          adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Adds adapter `adapter_name` to `targets` (wrapping those not yet wrapped) and records `config`.
+
+    The first adapter of a model freezes everything else, trains, and is active; a later one is added
+    inactive and frozen (lora.set_adapter activates it), and changes nothing else."""
+    adapters.check_disjoint(model, targets, saved)              # the last check: nothing has changed yet
+    first = adapters.find_registry(model) is None
     modules = dict(model.named_modules())
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if first:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    active = [adapter_name] if first else adapters.active_adapters(model)
+    compute = next((m.compute_dtype for _, m in lora_layers(model)), None)
+    args = (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        layer = LoRALinear(modules[name], config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
-        layer.train(modules[name].training)       # new dropout follows the model's train/eval mode
-        setattr(modules[parent_name], child, layer)
-    for name in saved:
-        for p in modules[name].parameters():
-            p.requires_grad_(True)
+        layer = modules[name]
+        if isinstance(layer, LoRALinear):
+            layer.add_adapter(adapter_name, *args, use_dora=config.use_dora)
+        else:
+            layer = LoRALinear(layer, *args, compute_dtype=compute, use_dora=config.use_dora,
+                               adapter_name=adapter_name)
+            layer.train(modules[name].training)   # new dropout follows the model's train/eval mode
+            layer.active_adapters = list(active)
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name], child, layer)
+        for p in adapter_parameters(layer.adapter(adapter_name)):
+            p.requires_grad_(first)
     config.target_names = list(targets)
-    model.lora_config = config
+    adapters.register(model, adapter_name, config, saved)
     return model
 
 
 def inject(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05, targets="all-linear",
-           modules_to_save=None, use_rslora: bool = False, compute_dtype: str | None = None) -> nn.Module:
+           modules_to_save=None, use_rslora: bool = False, compute_dtype: str | None = None,
+           use_dora: bool = False, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Adds LoRA adapters to `model` in place and returns it (see the module docstring for `targets`).
 
     compute_dtype: None (or "fp32") runs the adapter math in fp32 (its weights' dtype; PEFT's default); "base"
     runs it in the base layer's output dtype, autocast-style (fp32 weights, bf16 matmuls; faster on the CPU,
-    see lora.layer). A training-time choice: not saved with the adapter; `set_compute_dtype` changes it later."""
+    see lora.layer). A training-time choice: not saved with the adapter; `set_compute_dtype` changes it later.
+    It applies to every LoRA layer; when adding a further adapter, None keeps the model's current setting.
+
+    use_dora: DoRA (lora.dora): y = m ⊙ (W + s·B·A) x / ||W + s·B·A||_row + b, m initialised to ||W||_row.
+    adapter_name: the first adapter of a model is active; a further name adds a fresh adapter beside the
+    others, inactive and frozen until lora.set_adapter(model, name) (lora.adapters)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects a torch.nn.Module, got {type(model).__name__}")
-    _check_inject_args(r, alpha, dropout, targets, use_rslora, compute_dtype)
+    _check_inject_args(r, alpha, dropout, targets, use_rslora, compute_dtype, use_dora, adapter_name)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        modules_to_save=modules_to_save, use_rslora=use_rslora)
-    check_not_injected(model)
+                        modules_to_save=modules_to_save, use_rslora=use_rslora, use_dora=use_dora)
+    check_can_add(model, adapter_name)
+    first = adapters.find_registry(model) is None
     saved = resolve_modules_to_save(model, config.modules_to_save)
     names = plan_targets(model, config, saved)
     config.task_type = _infer_task_type(model, names)
-    return set_compute_dtype(apply(model, config, names, saved), compute_dtype)
+    apply(model, config, names, saved, adapter_name)
+    return set_compute_dtype(model, compute_dtype) if first or compute_dtype is not None else model
 
 
-def _check_inject_args(r, alpha, dropout, targets, use_rslora, compute_dtype) -> None:
+def _check_inject_args(r, alpha, dropout, targets, use_rslora, compute_dtype, use_dora, adapter_name) -> None:
     # LoraConfig checks these too, under its field names (lora_alpha, ...); here they carry inject's own names.
+    check_adapter_name(adapter_name)
+    check_use_dora(use_dora)
     check_rank(r)
     check_alpha(alpha)
     check_dropout(dropout)

@@ -33,16 +33,26 @@ Design choices
 - Merging folds ΔW into a dense base weight in place (`merge`/`unmerge`, idempotent, guarded by
   `merged`). A 4-bit base cannot hold W + ΔW exactly, so `merge` refuses it; `lora.merge_and_unload`
   dequantizes instead and reports what re-quantizing would lose.
+- Several adapters on one base (PEFT's adapter names): the "default" adapter's weights live on the layer
+  itself, so its keys stay `...q_proj.lora_A.weight`; any other named adapter is an `Adapter` (the same
+  attribute names) in `lora_adapters[name]`. `active_adapters` lists what forward uses; the updates of
+  several active adapters add, in fp32. One active LoRA adapter runs exactly the single-adapter code, so its
+  outputs are bit-identical to that adapter loaded alone; a layer that lacks an active adapter skips it.
+- DoRA (`use_dora=True`, lora.dora): y = g ⊙ (W x + s·B·A x) + b with g = m / ||W + s·B·A||_row. Its
+  update is computed in fp32 whatever compute_dtype says.
 """
 
 import itertools
 import math
-import reprlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import dora
+from .checks import (COMPUTE_DTYPES, DEFAULT_ADAPTER, check_adapter_name, check_alpha, check_compute_dtype,  # noqa: F401
+                     check_dropout, check_rank, check_use_dora, check_use_rslora, describe)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -99,89 +109,133 @@ class CheapDropout(nn.Dropout):
         return torch.where(keep, x, 0.0) * (65536 / (65536 - cut))
 
 
-COMPUTE_DTYPES = (None, "fp32", "base")   # None / "fp32": adapter math in fp32; "base": in the base output's dtype
-
-
-# ----------------------------------------------------------------------------------------------
-# argument checks, shared by LoRALinear, inject() and LoraConfig; `name` is the caller's spelling
-# ("alpha" in inject, "lora_alpha" in LoraConfig and adapter_config.json)
-
-
-def describe(value) -> str:
-    """`the float nan`: a wrong argument's type and value, for error messages (reprlib cuts a long repr)."""
-    return "None" if value is None else f"the {type(value).__name__} {reprlib.repr(value)}"
-
-
-def _is_finite_number(x) -> bool:
-    # bool is an int, and nan/inf pass every `>` or `<` test we would write; an int is always finite
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    return isinstance(x, int) or math.isfinite(x)
-
-
-def check_rank(r, name: str = "r") -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{name} must be a positive integer (the adapter rank, e.g. 8); got {describe(r)}")
-
-
-def check_alpha(alpha, name: str = "alpha") -> None:
-    if not (_is_finite_number(alpha) and alpha > 0):
-        raise ValueError(f"{name} must be a finite number > 0 (scaling = alpha / r; e.g. alpha = 2 * r); "
-                         f"got {describe(alpha)}")
-
-
-def check_dropout(dropout, name: str = "dropout") -> None:
-    if not (_is_finite_number(dropout) and 0 <= dropout < 1):
-        raise ValueError(f"{name} must be a number in [0, 1) (a probability; 0 disables it); got {describe(dropout)}")
-
-
-def check_use_rslora(use_rslora) -> None:
-    if not isinstance(use_rslora, bool):
-        raise ValueError(f"use_rslora must be True (scaling alpha / sqrt(r), rank-stabilised) or False "
-                         f"(alpha / r); got {describe(use_rslora)}")
-
-
-def check_compute_dtype(compute_dtype) -> None:
-    if not (compute_dtype is None or isinstance(compute_dtype, str) and compute_dtype in COMPUTE_DTYPES):
-        raise ValueError(f"compute_dtype must be None or 'fp32' (the adapter's fp32) or 'base' (the base layer's "
-                         f"output dtype, autocast-style); got {describe(compute_dtype)}")
-
-
 def _device_of(module: nn.Module) -> torch.device:
     t = next(itertools.chain(module.parameters(), module.buffers()), None)
     return t.device if t is not None else torch.device("cpu")
+
+
+
+
+def _check_adapter_args(name, r, alpha, dropout, use_rslora, use_dora) -> None:
+    check_adapter_name(name)
+    check_rank(r)
+    check_alpha(alpha)
+    check_dropout(dropout)
+    check_use_rslora(use_rslora)
+    check_use_dora(use_dora)
+
+
+# one adapter's attributes, under PEFT's names; the "default" adapter keeps them on the LoRALinear itself
+ADAPTER_ATTRS = ("lora_dropout", "lora_A", "lora_B", "lora_magnitude_vector", "r", "lora_alpha", "use_rslora",
+                 "use_dora", "scaling")
+
+
+def _build(owner: nn.Module, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+           use_rslora: bool, use_dora: bool, device: torch.device) -> None:
+    """Gives `owner` one adapter: lora_dropout, lora_A (r x in, Kaiming), lora_B (out x r, zeros), fp32;
+    with DoRA also lora_magnitude_vector (out,), set by the caller to ||W||_row (lora.dora)."""
+    owner.r, owner.lora_alpha, owner.use_rslora, owner.use_dora = r, alpha, use_rslora, use_dora
+    owner.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+    owner.lora_dropout = CheapDropout(dropout) if dropout > 0 else nn.Identity()
+    owner.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+    owner.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+    _reset(owner)
+    magnitude = torch.ones(out_features, device=device, dtype=torch.float32) if use_dora else None
+    owner.lora_magnitude_vector = None if magnitude is None else nn.Parameter(magnitude)
+
+
+def _reset(slot: nn.Module) -> None:
+    nn.init.kaiming_uniform_(slot.lora_A.weight, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
+    nn.init.zeros_(slot.lora_B.weight)
+
+
+class Adapter(nn.Module):
+    """A named adapter other than "default", in LoRALinear.lora_adapters[name]: the same attributes under the
+    same names (lora_A, lora_B, lora_dropout, lora_magnitude_vector, r, lora_alpha, scaling, use_dora)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 use_rslora: bool, use_dora: bool, device: torch.device):
+        super().__init__()
+        _build(self, in_features, out_features, r, alpha, dropout, use_rslora, use_dora, device)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, use_dora={self.use_dora}"
 
 
 class LoRALinear(nn.Module):
     """`y = base_layer(x) + scaling * lora_B(lora_A(lora_dropout(x)))`; see the module docstring."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 compute_dtype: str | None = None):
+                 compute_dtype: str | None = None, use_dora: bool = False, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         if not is_linear_like(base):
             raise TypeError(f"LoRALinear wraps a linear layer (nn.Linear or a module with in_features, "
                             f"out_features and a weight or dequantize()); got {type(base).__name__}")
-        check_rank(r)
-        check_alpha(alpha)
-        check_dropout(dropout)
-        check_use_rslora(use_rslora)
+        _check_adapter_args(adapter_name, r, alpha, dropout, use_rslora, use_dora)
         check_compute_dtype(compute_dtype)
-        self.base_layer = base.requires_grad_(False)             # frozen: only A and B train
+        self.base_layer = base.requires_grad_(False)             # frozen: only the adapters train
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout = CheapDropout(dropout) if dropout > 0 else nn.Identity()
-        device = _device_of(base)
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
-        self.reset_lora_parameters()
+        self.lora_adapters = nn.ModuleDict()     # named adapters other than "default" (which lives on self)
+        self.active_adapters = [adapter_name]    # what forward adds; set by lora.set_adapter
+        self.merged_adapters: list[str] = []     # what merge() folded into base_layer.weight
+        self.merge_scales: dict[str, Tensor] = {}   # DoRA's g of each merged adapter, which unmerge divides by
         self.compute_dtype = compute_dtype   # None / "fp32": adapter math in fp32 | "base": in the base dtype
-        self.merged = False     # True while ΔW is folded into base_layer.weight
-        self.disabled = False   # True: forward is base_layer(x) alone
+        self.disabled = False                # True: forward is base_layer(x) alone
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora)
 
-    def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
-        nn.init.zeros_(self.lora_B.weight)
+    # --- the adapters this layer holds ---------------------------------------------------------------
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    use_dora: bool = False, init_magnitude: bool = True) -> None:
+        """Adds adapter `name` (A Kaiming, B zero, DoRA's m = ||W||_row: no output change); not made active."""
+        _check_adapter_args(name, r, alpha, dropout, use_rslora, use_dora)
+        if self.has_adapter(name):
+            raise ValueError(f"this layer already has an adapter named {name!r} (it has {self.adapter_names})")
+        if self.merged:
+            raise ValueError(f"cannot add adapter {name!r} to a merged layer; call lora.unmerge(model) first")
+        weight = dense_weight(self.base_layer) if use_dora and init_magnitude else None   # raises before changes
+        args = (self.in_features, self.out_features, r, alpha, dropout, use_rslora, use_dora,
+                _device_of(self.base_layer))
+        if name == DEFAULT_ADAPTER:
+            _build(self, *args)
+            slot = self
+        else:
+            slot = self.lora_adapters[name] = Adapter(*args)
+        if weight is not None:
+            dora.init_magnitude(slot, weight)
+        for m in (slot.lora_dropout, slot.lora_A, slot.lora_B, slot):
+            if m is not self:
+                m.train(self.training)                              # follow the layer's train/eval mode
+
+    def delete_adapter(self, name: str) -> None:
+        self.adapter(name)                                          # unknown name: a ValueError naming the known
+        if self.merged:
+            raise ValueError(f"cannot delete adapter {name!r} from a merged layer; call lora.unmerge(model) first")
+        if name == DEFAULT_ADAPTER:
+            for attr in ADAPTER_ATTRS:
+                delattr(self, attr)
+        else:
+            del self.lora_adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def has_adapter(self, name: str) -> bool:
+        return "lora_A" in self._modules if name == DEFAULT_ADAPTER else name in self.lora_adapters
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return ([DEFAULT_ADAPTER] if self.has_adapter(DEFAULT_ADAPTER) else []) + list(self.lora_adapters)
+
+    def adapter(self, name: str) -> nn.Module:
+        """The module holding adapter `name`'s lora_A, lora_B, ...: this layer for "default", else an Adapter."""
+        if not self.has_adapter(name):
+            raise ValueError(f"unknown adapter {name!r}; this layer has {self.adapter_names}")
+        return self if name == DEFAULT_ADAPTER else self.lora_adapters[name]
+
+    def _active(self) -> list[str]:
+        return [n for n in self.active_adapters if self.has_adapter(n)]   # a layer may lack some adapters
+
+    def reset_lora_parameters(self, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        _reset(self.adapter(adapter_name))
 
     @property
     def weight(self) -> Tensor:
@@ -192,6 +246,13 @@ class LoRALinear(nn.Module):
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    @property
+    def merged(self) -> bool:
+        """True while the active adapters' ΔW is folded into base_layer.weight."""
+        return bool(self.merged_adapters)
+
+    # --- forward ----------------------------------------------------------------------------------------
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)                                   # (..., out), base dtype
         if self.merged:
@@ -199,39 +260,87 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("this LoRA layer is merged into its base weight, so it cannot be disabled; "
                                    "call lora.unmerge(model) first")
             return out
-        if self.disabled:
+        slots = [] if self.disabled else [self.adapter(n) for n in self._active()]
+        if len(slots) == 1 and not slots[0].use_dora:
+            return self._add_lora(slots[0], x, out)                # one LoRA adapter: the single-adapter path
+        update = None
+        for slot in slots:                                         # several: their fp32 updates add
+            u = self._update(slot, x, out)                         # (..., out) fp32
+            update = u if update is None else update.add_(u)
+        if update is None:
             return out
-        if self.compute_dtype == "base" and out.dtype != self.lora_A.weight.dtype:
-            dtype = out.dtype                                      # autocast-style: fp32 weights, bf16 math
-            h = F.linear(self.lora_dropout(x.to(dtype)), self.lora_A.weight.to(dtype))       # (..., r)
-            return torch.add(out, F.linear(h, self.lora_B.weight.to(dtype)), alpha=self.scaling)
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r), fp32
-        delta = self.lora_B(h)                                     # (..., out), fp32
-        if out.dtype == delta.dtype:
-            return torch.add(out, delta, alpha=self.scaling)
-        return out.float().add_(delta, alpha=self.scaling).to(out.dtype)   # add in fp32, one rounding
+        return out + update if out.dtype == update.dtype else out.float().add_(update).to(out.dtype)
 
-    def delta_weight(self) -> Tensor:
-        """ΔW = scaling * B @ A, fp32 [out, in]. For merging only: forward never builds it."""
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, r) @ (r, in)
+    def _add_lora(self, slot: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        if self.compute_dtype == "base" and out.dtype != slot.lora_A.weight.dtype:
+            dtype = out.dtype                                      # autocast-style: fp32 weights, bf16 math
+            h = F.linear(slot.lora_dropout(x.to(dtype)), slot.lora_A.weight.to(dtype))       # (..., r)
+            return torch.add(out, F.linear(h, slot.lora_B.weight.to(dtype)), alpha=slot.scaling)
+        h = slot.lora_A(slot.lora_dropout(x.to(slot.lora_A.weight.dtype)))  # (..., r), fp32
+        delta = slot.lora_B(h)                                     # (..., out), fp32
+        if out.dtype == delta.dtype:
+            return torch.add(out, delta, alpha=slot.scaling)
+        return out.float().add_(delta, alpha=slot.scaling).to(out.dtype)   # add in fp32, one rounding
+
+    def _update(self, slot: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        """One adapter's Δy in fp32 (..., out); `out` = base_layer(x). DoRA: lora.dora.update."""
+        if slot.use_dora:
+            return dora.update(slot, dense_weight(self.base_layer), self.bias, x, out, self.training)
+        h = slot.lora_A(slot.lora_dropout(x.to(slot.lora_A.weight.dtype)))  # (..., r), fp32
+        return slot.lora_B(h).mul_(slot.scaling)                   # (..., out), fp32
+
+    # --- merging ----------------------------------------------------------------------------------------
+
+    def delta_weight(self, adapter_name: str = DEFAULT_ADAPTER) -> Tensor:
+        """scaling * B @ A, fp32 [out, in] (DoRA's whole update: merged_update). Forward never builds it."""
+        slot = self.adapter(adapter_name)
+        return slot.scaling * (slot.lora_B.weight @ slot.lora_A.weight)  # (out, r) @ (r, in)
+
+    def _fold_terms(self, weight: Tensor | None, names: list[str], gains: dict | None = None):
+        """(c, D, gains): adapters `names` merged into the unmerged W give c ⊙ W + D (c None: 1), fp32.
+        LoRA adds D = s·B·A; DoRA makes c = 1 + Σ (g - 1) and adds g ⊙ s·B·A (g: from `gains` if given)."""
+        scale, delta, used = None, None, {}
+        for name in names:
+            slot = self.adapter(name)
+            if slot.use_dora:
+                g, d = dora.fold(slot, weight, None if gains is None else gains[name])
+                used[name] = g
+                scale = g if scale is None else scale + (g - 1)    # (out,)
+            else:
+                d = self.delta_weight(name)                        # (out, in)
+            delta = d if delta is None else delta.add_(d)
+        return scale, delta, used
+
+    def merged_update(self, weight: Tensor) -> Tensor:
+        """ΔW, fp32 [out, in], that merging the active adapters adds to the unmerged `weight` [out, in]."""
+        names = self._active()
+        if not names:
+            return torch.zeros(self.out_features, self.in_features, device=weight.device)
+        scale, delta, _ = self._fold_terms(weight, names)
+        return delta if scale is None else delta.addcmul_(weight.float(), (scale - 1)[:, None])
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + ΔW in place (dense base only). Idempotent."""
-        if self.merged:
+        """W <- W + ΔW of the active adapters, in place (dense base only). Idempotent."""
+        names = self._active()
+        if self.merged or not names:
             return
         w = self._editable_weight("merge")
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-        self.merged = True
+        scale, delta, gains = self._fold_terms(w, names)
+        merged = w.float() + delta if scale is None else torch.addcmul(delta, w.float(), scale[:, None])
+        w.copy_(merged.to(w.dtype))
+        self.merged_adapters, self.merge_scales = names, gains
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - ΔW in place. Idempotent. Exact in fp32 up to rounding; bf16 loses ~1 ulp."""
+        """W <- W - ΔW in place (DoRA: (W - g ⊙ s·B·A) / g). Idempotent. Exact in fp32 up to rounding."""
         if not self.merged:
             return
         w = self._editable_weight("unmerge")
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-        self.merged = False
+        scale, delta, _ = self._fold_terms(None, self.merged_adapters, self.merge_scales)
+        restored = w.float() - delta if scale is None else (w.float() - delta).div_(scale[:, None])
+        w.copy_(restored.to(w.dtype))
+        self.merged_adapters, self.merge_scales = [], {}
 
     def _editable_weight(self, what: str) -> Tensor:
         if not has_dense_weight(self.base_layer):
@@ -242,6 +351,18 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight.data
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, compute_dtype={self.compute_dtype}, "
-                f"merged={self.merged}, disabled={self.disabled}")
+        own = (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, use_dora={self.use_dora}, "
+               if self.has_adapter(DEFAULT_ADAPTER) else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {own}"
+                f"compute_dtype={self.compute_dtype}, active={self.active_adapters}, merged={self.merged}, "
+                f"disabled={self.disabled}")
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapter_parameters(slot: nn.Module) -> list[nn.Parameter]:
+    """One adapter's own trainable tensors: lora_A, lora_B (and DoRA's magnitude)."""
+    params = [slot.lora_A.weight, slot.lora_B.weight]
+    return params + ([slot.lora_magnitude_vector] if slot.lora_magnitude_vector is not None else [])

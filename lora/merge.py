@@ -1,8 +1,12 @@
 """Folding adapters into the base weights: merge / unmerge in place, and merge_and_unload.
 
-    merge:            W <- W + scaling * B @ A      (dense bases only; idempotent, guarded by `merged`)
-    unmerge:          W <- W - scaling * B @ A      (exact up to one rounding of W's dtype)
+    merge:            W <- W + ΔW                   (dense bases only; idempotent, guarded by `merged`)
+    unmerge:          W <- W - ΔW                   (exact up to one rounding of W's dtype)
     merge_and_unload: LoRALinear -> plain layer holding W + ΔW; the model no longer has LoRA
+
+ΔW is the sum over the active adapters (lora.set_adapter): scaling * B @ A for LoRA, and for DoRA
+m ⊙ (W + s·B·A) / ||W + s·B·A||_row - W, its norm taken on the unmerged W (lora.dora). merge_and_unload keeps
+the active adapters' sum and drops the inactive ones (as PEFT); modules_to_save keep the active copy.
 
 A 4-bit base cannot be edited in place: NF4 has 16 levels per block, and an update ΔW is usually far
 smaller than one quantization step, so W + ΔW re-quantized mostly rounds back to W. `merge()` therefore
@@ -18,8 +22,7 @@ The report (a list of dicts) is attached to the returned model as `model.lora_me
 import torch
 import torch.nn as nn
 
-from .inject import lora_layers
-from .layer import LoRALinear, dense_weight, has_dense_weight, is_quantized
+from .layer import LoRALinear, dense_weight, has_dense_weight, is_quantized, lora_layers
 
 
 def _require_layers(model: nn.Module, what: str) -> list[tuple[str, LoRALinear]]:
@@ -30,7 +33,7 @@ def _require_layers(model: nn.Module, what: str) -> list[tuple[str, LoRALinear]]
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Folds every adapter into its dense base weight in place; forward then skips the adapter path."""
+    """Folds the active adapters into their dense base weights in place; forward then skips the adapter path."""
     layers = _require_layers(model, "merge")
     packed = [n for n, m in layers if not has_dense_weight(m.base_layer)]
     if packed:
@@ -51,25 +54,26 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _fold(layer: LoRALinear, requantize: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """(new plain module, intended fp32 weight W + ΔW, the weight the new module really holds, fp32)."""
+def _fold(layer: LoRALinear, requantize: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(new plain module, intended fp32 weight W + ΔW, the weight it really holds (fp32), ΔW)."""
     layer.unmerge()                               # start from W itself (no-op unless merged in place)
-    base, delta = layer.base_layer, layer.delta_weight()       # delta: (out, in) fp32
+    base = layer.base_layer
     w = dense_weight(base)                                     # (out, in), base dtype
+    delta = layer.merged_update(w)                             # (out, in) fp32, the active adapters' ΔW
     intended = w.float() + delta
     if has_dense_weight(base):                    # edit the existing nn.Linear, no second copy
         base.weight.data.copy_(intended.to(w.dtype))
-        return base, intended, base.weight.float()
+        return base, intended, base.weight.float(), delta
     if requantize:
         new = base.quantized_copy(intended.to(w.dtype))
-        return new, intended, new.dequantize().float()
+        return new, intended, new.dequantize().float(), delta
     bias = getattr(base, "bias", None)
     new = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
     new.weight.data.copy_(intended)
     if bias is not None:
         new.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
     new.weight.requires_grad_(False)
-    return new, intended, new.weight.float()
+    return new, intended, new.weight.float(), delta
 
 
 def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
@@ -88,13 +92,13 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
                              "Use requantize=False to keep dense merged weights")
     modules, report = dict(model.named_modules()), []
     for name, layer in layers:
-        new, intended, stored = _fold(layer, requantize)
+        new, intended, stored, delta = _fold(layer, requantize)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent], child, new)
-        report.append(_report_row(name, intended - stored, layer.delta_weight(),
-                                  requantized=requantize and is_quantized(new)))
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+        report.append(_report_row(name, intended - stored, delta, requantized=requantize and is_quantized(new)))
+    for attr in ("lora_config", "lora_registry"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     model.lora_merge_report = report
     return model
 

@@ -6,15 +6,14 @@
 Memory: the autograd Function saves only the packed uint8 weight and dequantizes it again in
 backward, so no dense copy of W lives between forward and backward (torchao's NF4 does the same).
 
-Backends (one switch, `backend=`; an unavailable one falls back to "torch" with a warning that says why):
-    "torch"   quant.nf4's reference dequantize + F.linear; runs anywhere; bytes and values pinned to bnb.
-    "bnb"     bitsandbytes' dequantize kernels + F.linear (what bnb's own matmul_4bit does on CPU).
-    "triton"  quant.triton_kernels' fused NF4 matmul (GPU), imported lazily.
-Default (`backend=None`): "bnb" on CPU when bitsandbytes' native library loads, else "torch"; on CUDA
-"triton" when available, else "bnb", else "torch". Measured on the CPU (AMD EPYC, 2 cores, bf16,
-forward + backward to x, min of 10): 1536x576 with 1024 tokens "bnb" 4.4 ms vs "torch" 5.3 ms (bnb's
-own matmul_4bit 4.6 ms); 4096x4096 with 256 tokens 40 ms vs 57 ms. bnb's dequantize kernel is 2-6x
-faster than the pure-torch one (numbers in quant/nf4.py) and both are exact, so bnb wins.
+Backends (one switch, `backend=`: "torch" | "bnb" | "triton", quant/backends.py). The default, None, picks the
+fastest correct one per device, op and shape class: on the CPU "bnb" (measured offline: its dequantize kernel is
+2-6x faster than quant.nf4's and exact), on CUDA by timing the candidates on the first real call of each shape
+class and caching the winner (`quant.backend_choice()` says what was picked, how and why).
+
+Devices: `.to("cuda")` moves the packed weight and the quant state (absmax, double-quant tables) together;
+`quantize(model, device="cuda")` quantizes each layer on the GPU from its dense weight, which is freed at once,
+so the GPU never holds a dense copy of the model. The bytes do not depend on the device.
 
 The state dict uses bitsandbytes' Linear4bit keys and bytes (`weight`, `weight.absmax`,
 `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
@@ -23,26 +22,19 @@ The state dict uses bitsandbytes' Linear4bit keys and bytes (`weight`, `weight.a
 from __future__ import annotations
 
 import ctypes
-import functools
 import gc
-import importlib
-import json
 import logging
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quant.nf4 import (
-    NESTED_BLOCKSIZE, NF4_CODE, SUPPORTED_DTYPES, NF4State, check_blocksize, check_double_quant, dequantize_nf4,
-    describe, quantize_nf4,
-)
+from quant import backends  # imports bitsandbytes lazily, after the log filter below is in place
+from quant.backends import BACKENDS, default_backend  # noqa: F401 - re-exported
+from quant.bnb_format import QS_KEY, pack_quant_state, unpack_quant_state
+from quant.nf4 import SUPPORTED_DTYPES, NF4State, check_blocksize, check_double_quant, describe, quantize_nf4
 
-BACKENDS = ("torch", "bnb", "triton")
-_QS_KEY = "quant_state.bitsandbytes__nf4"
 
 
 def _drop_kernel_hub_warning(record: logging.LogRecord) -> bool:
@@ -58,126 +50,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernel_hub_wa
 
 
 # ----------------------------------------------------------------------------------------------
-# backends: three functions each, all on 2-D inputs
-
-
-@dataclass(frozen=True)
-class _Kernels:
-    linear: Callable  # (x2d, packed, state, bias) -> x2d @ W^T + bias
-    grad_input: Callable  # (dy2d, packed, state) -> dy2d @ W
-    dequantize: Callable  # (packed, state, dtype) -> W
-
-
-def _torch_linear(x: Tensor, packed: Tensor, state: NF4State, bias: Tensor | None) -> Tensor:
-    return F.linear(x, dequantize_nf4(packed, state, x.dtype), bias)  # (N, out)
-
-
-def _torch_grad_input(dy: Tensor, packed: Tensor, state: NF4State) -> Tensor:
-    return dy @ dequantize_nf4(packed, state, dy.dtype)  # (N, out) @ (out, in) -> (N, in)
-
-
-def _bnb_quant_state(state: NF4State, dtype: torch.dtype):
-    import bitsandbytes.functional as bnbf
-
-    # Note: bnb is handed rows of exactly one block, (numel / blocksize, blocksize), not the weight's
-    # shape. bitsandbytes 0.50's CPU dequantize kernel indexes absmax per row and gets it wrong when
-    # in_features % blocksize != 0 (e.g. 300x400 at blocksize 64); with one block per row it cannot,
-    # and it stays multi-threaded (a flat (numel,) view runs on one thread, 1.6x slower). A partial
-    # last block leaves only the flat view. The bytes are the same whatever the view.
-    n, bs = state.numel, state.blocksize
-    shape = torch.Size([n // bs, bs] if n % bs == 0 else [n])
-    nested = None
-    if state.double_quant:
-        nested = bnbf.QuantState(absmax=state.nested_absmax, code=state.nested_code,
-                                 blocksize=state.nested_blocksize, dtype=torch.float32)
-    return bnbf.QuantState(absmax=state.absmax, shape=shape, code=state.code, blocksize=bs, quant_type="nf4",
-                           dtype=dtype, offset=state.offset, state2=nested)
-
-
-def _bnb_has_native_kernel(packed: Tensor, state: NF4State) -> bool:
-    # Note: on CPU, bnb 0.50 has no native kernel for an odd element count or for blocksize >= 2048 on
-    # AVX-512 machines; it runs a torch.compile()d Python fallback instead (seconds of compilation
-    # per new shape, then recompile-limit warnings). That fallback is the same math as quant.nf4, so
-    # those layers use quant.nf4 directly: identical values, no compiler in the training loop.
-    return packed.device.type != "cpu" or (state.numel % 2 == 0 and state.blocksize < 2048)
-
-
-def _bnb_dequantize(packed: Tensor, state: NF4State, dtype: torch.dtype) -> Tensor:
-    import bitsandbytes.functional as bnbf
-
-    if not _bnb_has_native_kernel(packed, state):
-        return dequantize_nf4(packed, state, dtype)
-    return bnbf.dequantize_4bit(packed, _bnb_quant_state(state, dtype)).view(state.shape)
-
-
-def _bnb_linear(x: Tensor, packed: Tensor, state: NF4State, bias: Tensor | None) -> Tensor:
-    return F.linear(x, _bnb_dequantize(packed, state, x.dtype), bias)
-
-
-def _bnb_grad_input(dy: Tensor, packed: Tensor, state: NF4State) -> Tensor:
-    return dy @ _bnb_dequantize(packed, state, dy.dtype)
-
-
-_TORCH = _Kernels(_torch_linear, _torch_grad_input, dequantize_nf4)
-_BNB = _Kernels(_bnb_linear, _bnb_grad_input, _bnb_dequantize)
-_WARNED: set[tuple[str, str]] = set()
-
-
-def _load_kernels(backend: str, device: torch.device) -> tuple[_Kernels | None, str]:
-    """(kernels, "") or (None, why the backend cannot run on `device`)."""
-    if backend == "torch":
-        return _TORCH, ""
-    if backend == "bnb":
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as e:  # ImportError, or a broken native library
-            return None, f"bitsandbytes cannot be imported: {e}"
-        return _BNB, ""
-    try:
-        tk = importlib.import_module("quant.triton_kernels")  # lazy: triton is an optional extra
-    except Exception as e:
-        return None, f"quant.triton_kernels cannot be imported: {e}"
-    ok, reason = tk.is_available()
-    if not ok:
-        return None, reason
-    if device.type == "cpu" and not getattr(tk, "INTERPRET", False):
-        return None, "the tensors are on the CPU and the Triton interpreter (TRITON_INTERPRET=1) is off"
-    return _Kernels(tk.nf4_linear, tk.nf4_linear_grad_input, tk.dequantize), ""
-
-
-def _kernels(backend: str, device: torch.device) -> _Kernels:
-    kernels, reason = _load_kernels(backend, device)
-    if kernels is not None:
-        return kernels
-    if (backend, reason) not in _WARNED:
-        _WARNED.add((backend, reason))
-        warnings.warn(f"Linear4bit backend {backend!r} is unavailable ({reason}); falling back to 'torch'",
-                      RuntimeWarning, stacklevel=3)
-    return _TORCH
-
-
-def default_backend(device: torch.device | str = "cpu") -> str:
-    """The backend `backend=None` picks for weights on `device` (see the module docstring)."""
-    device = torch.device(device)
-    order = ("bnb",) if device.type == "cpu" else ("triton", "bnb")
-    for backend in order:
-        if _native_backend_ok(backend, device.type):
-            return backend
-    return "torch"
-
-
-@functools.cache
-def _native_backend_ok(backend: str, device_type: str) -> bool:
-    if _load_kernels(backend, torch.device(device_type))[0] is None:
-        return False
-    if backend == "bnb":  # without its compiled library bnb runs slow Python fallbacks: prefer ours
-        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
-
-        return not isinstance(lib, ErrorHandlerMockBNBNativeLibrary)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
 # autograd
 
 
@@ -185,15 +57,17 @@ class _NF4LinearFunction(torch.autograd.Function):
     """y = x W^T + b with W kept as NF4; backward re-dequantizes W and returns no weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, packed, bias, state: NF4State, kernels: _Kernels):
+    def forward(ctx, x, packed, bias, state: NF4State, backend: str | None):
         ctx.save_for_backward(packed)  # only the packed bytes: never a dense W
-        ctx.state, ctx.kernels = state, kernels
-        return kernels.linear(x, packed, state, bias)  # (N, out)
+        ctx.state, ctx.backend = state, backend
+        return backends.for_linear(backend, x, packed, state, bias).linear(x, packed, state, bias)  # (N, out)
 
     @staticmethod
     def backward(ctx, dy):
         (packed,) = ctx.saved_tensors
-        dx = ctx.kernels.grad_input(dy, packed, ctx.state) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = backends.for_grad_input(ctx.backend, dy, packed, ctx.state).grad_input(dy, packed, ctx.state)
         dbias = dy.sum(0) if ctx.needs_input_grad[2] else None  # only when a bias was unfrozen
         return dx, None, dbias, None, None
 
@@ -221,7 +95,7 @@ class Linear4bit(nn.Module):
         b = torch.zeros(out_features, device=weight.device, dtype=weight.dtype) if bias else None
         self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
         self.compute_dtype = compute_dtype
-        self.backend = backend or default_backend(weight.device)
+        self.backend = backend  # None: chosen per device and shape class (quant/backends.py)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -246,17 +120,17 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense weight [out, in] in `dtype` (default: the dtype it was quantized from)."""
-        kernels = _kernels(self.backend, self.weight.device)
-        return kernels.dequantize(self.weight, self.quant_state, dtype or self.quant_state.dtype)
+        dtype = dtype or self.quant_state.dtype
+        kernels = backends.for_dequantize(self.backend, self.weight, self.quant_state, dtype)
+        return kernels.dequantize(self.weight, self.quant_state, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
         dtype = self.compute_dtype or x.dtype
-        kernels = _kernels(self.backend, x.device)
         bias = None if self.bias is None else self.bias.to(dtype)
         x2d = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
-        y = _NF4LinearFunction.apply(x2d, self.weight, bias, self.quant_state, kernels)  # (N, out)
+        y = _NF4LinearFunction.apply(x2d, self.weight, bias, self.quant_state, self.backend)  # (N, out)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -297,9 +171,9 @@ class Linear4bit(nn.Module):
 
     def _load_weight(self, entries: dict[str, Tensor], wkey: str) -> None:
         weight = entries[wkey]
-        if f"{wkey}.{_QS_KEY}" not in entries:
+        if f"{wkey}.{QS_KEY}" not in entries:
             if not weight.is_floating_point():
-                raise ValueError(f"packed {weight.dtype} weight without its '{wkey}.{_QS_KEY}' entry")
+                raise ValueError(f"packed {weight.dtype} weight without its '{wkey}.{QS_KEY}' entry")
             new = self.quantized_copy(weight.to(self.weight.device))  # a dense nn.Linear checkpoint
             self.weight, self.quant_state = new.weight, new.quant_state
             return
@@ -340,58 +214,13 @@ def _check_shape_args(in_features, out_features, bias, weight, dtype) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# bitsandbytes' serialized quant state
-
-
-def pack_quant_state(state: NF4State) -> dict[str, Tensor]:
-    """NF4State -> bnb's `QuantState.as_dict(packed=True)`: same keys, order and bytes."""
-    # Note: bnb packs the non-tensor fields as UTF-8 JSON in a uint8 tensor; we write the same keys in
-    # the same order so the bytes match, which lets a checkpoint be diffed against bnb's.
-    out = {"absmax": state.absmax, "quant_map": state.code}
-    meta = {"quant_type": "nf4", "blocksize": state.blocksize, "dtype": _dtype_name(state.dtype),
-            "shape": list(state.shape)}
-    if state.double_quant:
-        out |= {"nested_absmax": state.nested_absmax, "nested_quant_map": state.nested_code.clone()}
-        meta |= {"nested_blocksize": state.nested_blocksize, "nested_dtype": "float32",
-                 "nested_offset": state.offset.item()}
-    out[_QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-    return out
-
-
-def unpack_quant_state(entries: dict[str, Tensor], device: torch.device | str = "cpu") -> NF4State:
-    """bnb's serialized quant state (keys without the `weight.` prefix) -> NF4State."""
-    if _QS_KEY not in entries:
-        raise ValueError(f"no '{_QS_KEY}' entry: not an NF4 bitsandbytes checkpoint (keys: {sorted(entries)})")
-    meta = json.loads(bytes(entries[_QS_KEY].cpu().tolist()).decode("utf-8"))
-    if meta.get("quant_type") != "nf4":
-        raise ValueError(f"quant_type {meta.get('quant_type')!r} is not supported, only 'nf4'")
-    if "quant_map" in entries and not torch.equal(entries["quant_map"].cpu().float(), NF4_CODE):
-        raise ValueError("quant_map is not the NF4 table: this checkpoint was not written as NF4")
-    nested = "nested_absmax" in entries
-    if nested and meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
-        raise ValueError(f"nested_blocksize {meta.get('nested_blocksize')} is not supported, only {NESTED_BLOCKSIZE}")
-    move = lambda k: entries[k].to(device)  # noqa: E731
-    return NF4State(
-        shape=torch.Size(meta["shape"]), dtype=getattr(torch, meta["dtype"]), blocksize=meta["blocksize"],
-        absmax=move("absmax"), code=NF4_CODE.to(device),
-        offset=torch.tensor(float(meta["nested_offset"]), device=device) if nested else None,
-        nested_absmax=move("nested_absmax") if nested else None,
-        nested_code=move("nested_quant_map") if nested else None,
-    )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16", as bnb writes it
-
-
-# ----------------------------------------------------------------------------------------------
 # whole models
 
 
 def quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
              compute_dtype: torch.dtype | None = None, backend: str | None = None,
              skip: Iterable[str] = ("lm_head",),
-             weights: Callable[[str], Tensor] | None = None) -> nn.Module:
+             weights: Callable[[str], Tensor] | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by a Linear4bit, except names matching `skip`.
 
     A skip entry matches a module whose dotted name equals it or ends with "." + it. Each dense weight
@@ -404,11 +233,17 @@ def quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
     parameter's full name ("model.layers.0.mlp.up_proj.weight") to its tensor, e.g. read from a safetensors
     file: each linear's weight (and bias) is read when its turn comes, quantized and dropped, so the dense
     model never exists (train.load_model(..., quantize=...) builds models this way).
+
+    `device` (e.g. "cuda"): each dense weight is moved there alone, quantized there and freed, then the rest of
+    the model (embeddings, norms, skipped layers) follows; parameters still on the meta device stay there. The
+    GPU holds the 4-bit model plus one dense layer at a time, never the dense model, and the bytes are the
+    same as quantizing on the CPU. None: quantize where each weight already is.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     _check_layer_args(blocksize, double_quant, compute_dtype, backend)
     skip = _check_skip(skip)
+    device = _check_device(device)
     if weights is not None and not callable(weights):
         raise ValueError(f"weights must be a function from a parameter name to its tensor (for a dict: its "
                          f".__getitem__), or None; got {describe(weights)}")
@@ -426,13 +261,37 @@ def quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
             linear.bias = nn.Parameter(_read(weights, name + ".bias"), requires_grad=False)
         if uses.get(id(linear.weight), 1) > 1:
             warnings.warn(f"{name}.weight is shared with another module; its 4-bit copy unties it", stacklevel=2)
+        if device is not None:  # this layer alone goes to the device, dense, for as long as it is quantized
+            _move_parameters(linear, device)
         layer = Linear4bit.from_linear(linear, blocksize, double_quant, compute_dtype, backend)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         linear.weight = None  # drop the dense weight now (the `targets` list still holds the module)
     del targets
     _return_freed_memory()
+    if device is not None:
+        model._apply(lambda t: t if t.is_meta else t.to(device))  # the rest; tied parameters stay tied
     return model
+
+
+def _check_device(device) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name like 'cuda', 'cuda:1' or 'cpu', or None "
+                         f"(quantize where the weights are); got {describe(device)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but torch sees no CUDA GPU here; use device=None or 'cpu'")
+    return device
+
+
+def _move_parameters(linear: nn.Linear, device: torch.device) -> None:
+    for key in ("weight", "bias"):
+        p = getattr(linear, key)
+        if p is not None and p.device != device:
+            setattr(linear, key, nn.Parameter(p.detach().to(device), requires_grad=False))
 
 
 def _check_skip(skip) -> tuple[str, ...]:

@@ -61,6 +61,7 @@ NESTED_BLOCKSIZE = 256
 _ZERO_INDEX = 7  # NF4_CODE[7] == 0.0: the pad nibble of an odd element count
 _QUANT_CHUNK = 1 << 20  # elements converted to fp32 at a time while quantizing (4 MiB)
 _DEQUANT_CHUNK = 1 << 16  # elements per dequantize step: the fp32 scratch stays in L2 (256 KiB)
+_DEQUANT_CHUNK_GPU = 1 << 22  # on a GPU launches cost more than cache misses: 24 MiB of scratch per step
 
 
 @dataclass
@@ -145,7 +146,10 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> t
     code = NF4_CODE.to(w.device)
     if not double_quant:
         return packed, NF4State(w.shape, w.dtype, blocksize, absmax, code)
-    qabsmax, offset, nested_absmax = _double_quantize(absmax)
+    # Note: the absmax are double-quantized on the CPU whatever the device (n / blocksize values, a small copy):
+    # a CUDA mean sums in another order than the CPU's, and its last bit moves `offset` and with it some
+    # 8-bit codes, so the bytes would depend on the device. Everything above is exact elementwise math.
+    qabsmax, offset, nested_absmax = (t.to(w.device) for t in _double_quantize(absmax.cpu()))
     state = NF4State(w.shape, w.dtype, blocksize, qabsmax, code, offset, nested_absmax, dynamic_map(w.device))
     return packed, state
 
@@ -282,7 +286,8 @@ def _dequantize_full_blocks(packed: Tensor, absmax: Tensor, bs: int, out: Tensor
     # at a time keeps the fp32 scratch in L2; the product is done in fp32 so the result is exactly
     # bnb's (a bf16 multiply would double-round ~30% of the values by one bf16 ulp).
     lut = _pair_lut(packed.device)  # int64 [256], each word one (code[hi], code[lo]) fp32 pair
-    step = max(bs, _DEQUANT_CHUNK // bs * bs)
+    chunk = min(out.numel(), _DEQUANT_CHUNK if packed.device.type == "cpu" else _DEQUANT_CHUNK_GPU)
+    step = max(bs, chunk // bs * bs)
     scratch = torch.empty(step // 2, dtype=torch.int64, device=packed.device)
     index = torch.empty(step // 2, dtype=torch.int32, device=packed.device)
     out_blocks = out.view(-1, bs)  # (n_blocks, bs)

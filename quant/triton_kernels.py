@@ -46,6 +46,7 @@ gemv_4bit (the layout); Dettmers et al. 2023, QLoRA (NF4, double quantization).
 
 import math
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -95,7 +96,28 @@ def _matmul_configs():
     ]
 
 
+def _prune_matmul_configs(configs, named_args, **kwargs):
+    """Only tiles that fit the rows: BLOCK_M <= 32 for decode (M <= 16), <= 64 up to 128 rows, >= 64 above.
+
+    A 128-row tile for one row wastes 127/128 of each MMA, a 16-row tile for thousands of rows re-reads the
+    weight 8x as often; skipping them halves the compilations and timings the autotuner does per shape."""
+    m = named_args["M_BUCKET"]
+    fits = (lambda bm: bm <= 32) if m <= 16 else (lambda bm: bm <= 64) if m <= 128 else (lambda bm: bm >= 64)
+    return [c for c in configs if fits(c.kwargs["BLOCK_M"])] or configs
+
+
+def _autotune_timing():
+    """Shorter autotune timings than Triton's default 25 + 100 ms per config: the gaps between configs are
+    large, and a model has dozens of (M bucket, N, K) keys to tune on first use."""
+    import inspect
+
+    if "do_bench" in inspect.signature(triton.autotune).parameters:   # triton >= 3.2
+        return {"do_bench": lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)}
+    return {"warmup": 5, "rep": 20}
+
+
 if triton is not None:
+    _TIMING = {} if INTERPRET else _autotune_timing()
 
     @triton.jit
     def _round_bf16(x):
@@ -123,7 +145,7 @@ if triton is not None:
             absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
         return tl.where(mask, value * absmax, 0.0)
 
-    @triton.autotune(configs=_dequant_configs(), key=["numel"])
+    @triton.autotune(configs=_dequant_configs(), key=["numel"], **_TIMING)
     @triton.jit
     def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                                out_ptr, numel, blocksize, nested_blocksize,
@@ -138,7 +160,8 @@ if triton is not None:
             w = _round_bf16(w)
         tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K"])
+    @triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K"],
+                     prune_configs_by={"early_config_prune": _prune_matmul_configs}, **_TIMING)
     @triton.jit
     def _nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                            bias_ptr, c_ptr, M, N, K, M_BUCKET,
@@ -206,6 +229,11 @@ def _require_available(device):
                          "TRITON_INTERPRET=1 before importing quant.triton_kernels to run them on the CPU")
 
 
+def _on(device):
+    """Launch on the tensors' GPU, not the current one (a model on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def _weight_shape(packed, state):
     """Validate packed + state against the NF4State contract; return (numel, state tensors for the kernel)."""
     numel = math.prod(state.shape)
@@ -269,10 +297,11 @@ def dequantize(packed, state, dtype=None):
         return out
 
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)  # noqa: E731
-    _nf4_dequantize_kernel[grid](packed, absmax, code, nested_absmax, nested_code, offset, out, numel,
-                                 state.blocksize, state.nested_blocksize,
-                                 DOUBLE_QUANT=state.nested_absmax is not None,
-                                 INTERPRET_BF16=INTERPRET and dtype == torch.bfloat16, enable_fp_fusion=False)
+    with _on(packed.device):
+        _nf4_dequantize_kernel[grid](packed, absmax, code, nested_absmax, nested_code, offset, out, numel,
+                                     state.blocksize, state.nested_blocksize,
+                                     DOUBLE_QUANT=state.nested_absmax is not None,
+                                     INTERPRET_BF16=INTERPRET and dtype == torch.bfloat16, enable_fp_fusion=False)
     return out
 
 
@@ -311,13 +340,14 @@ def _matmul(a, packed, state, bias, n, k, stride_bk, stride_bn):
     if a.dtype == torch.float32:
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _nf4_matmul_kernel[grid](
-        a, packed, absmax, code, nested_absmax, nested_code, offset, bias if bias is not None else c, c,
-        m, n, k, min(triton.next_power_of_2(m), 4096),  # autotune per power-of-2 bucket of M, not per M
-        a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1),
-        state.blocksize, state.nested_blocksize,
-        DOUBLE_QUANT=state.nested_absmax is not None, HAS_BIAS=bias is not None,
-        INTERPRET_BF16=INTERPRET and a.dtype == torch.bfloat16, INPUT_PRECISION=precision,
-        enable_fp_fusion=False,
-    )
+    with _on(a.device):
+        _nf4_matmul_kernel[grid](
+            a, packed, absmax, code, nested_absmax, nested_code, offset, bias if bias is not None else c, c,
+            m, n, k, min(triton.next_power_of_2(m), 4096),  # autotune per power-of-2 bucket of M, not per M
+            a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0), c.stride(1),
+            state.blocksize, state.nested_blocksize,
+            DOUBLE_QUANT=state.nested_absmax is not None, HAS_BIAS=bias is not None,
+            INTERPRET_BF16=INTERPRET and a.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+            enable_fp_fusion=False,
+        )
     return c

@@ -77,6 +77,39 @@ def test_fit_eval_predict_on_a_csv_with_its_own_column_names(tmp_path, tiny_mode
     assert len(lines) == 12 and all(line.split("\t")[0] in LABELS for line in lines)
 
 
+def test_predict_serves_several_adapters_from_one_base(tmp_path, tiny_model, capsys):
+    """Two adapters of one backbone (other labels, other prompt) answer together exactly as each does alone."""
+    train_csv, test_csv = write_csv(tmp_path / "train.csv", 24), write_csv(tmp_path / "test.csv", 6)
+    two = tmp_path / "two.csv"
+    two.write_text("".join(line for i, line in enumerate(train_csv.read_text().splitlines(keepends=True))
+                           if i == 0 or "neutral" not in line))
+    common = ["--model", str(tiny_model), "--text-column", "headline", "--label-column", "tone", "--max-steps", "2",
+              "--batch-size", "4", "--dtype", "fp32", "--lr", "0.05"]
+    main(["fit", "--train", str(train_csv), "--test", str(test_csv), "--out", str(tmp_path / "tone"), *common])
+    main(["fit", "--train", str(two), "--test", str(two), "--out", str(tmp_path / "updown"), *common,
+          "--instruction", "Up or down?"])
+    capsys.readouterr()
+    alone = {}
+    for name in ("tone", "updown"):
+        main(["predict", "--adapter", str(tmp_path / name / "adapter"), "--file", str(test_csv)])
+        alone[name] = capsys.readouterr().out.strip().splitlines()
+    main(["predict", "--adapter", str(tmp_path / "tone" / "adapter"), "--adapter", str(tmp_path / "updown" / "adapter"),
+          "--file", str(test_csv)])
+    together = capsys.readouterr().out.strip().splitlines()
+    assert len(together) == 12
+    for name in ("tone", "updown"):
+        assert [line.split("\t", 1)[1] for line in together if line.startswith(name + "\t")] == alone[name]
+    assert alone["tone"] != alone["updown"]                   # two different classifiers, not one twice
+
+
+def test_several_adapters_must_share_the_backbone(tmp_path, tiny_model):
+    from train.predict import _check_one_base
+
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(ValueError, match="must share the backbone and its quantization"):
+        _check_one_base(dirs, [{"model": "smollm2-135m", "quant": {}}, {"model": "gemma3-270m", "quant": {}}])
+
+
 def test_without_a_test_file_a_stratified_share_is_held_out(tmp_path, tiny_model, capsys):
     train_csv = write_csv(tmp_path / "train.csv", 30, text_key="text", label_key="label")
     main(["fit", "--train", str(train_csv), "--out", str(tmp_path / "run"), "--model", str(tiny_model),

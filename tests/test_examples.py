@@ -328,7 +328,7 @@ def test_encoder_data_recipe_and_tokens():
 
 def test_encoder_smoke_run_compares_qlora_with_full_finetune(tmp_path):
     need_dataset("sst2")
-    need_model("minilm-l6")
+    need_model("mpnet-base")
     run_script("sst2_encoder.py", tmp_path, "--eval-batch-size", "16")
     metrics = check_report(tmp_path, rows=("zero_shot", "fine_tuned", "full_fine_tune"))
     assert metrics["mode"] == "qlora" and metrics["quantized"]

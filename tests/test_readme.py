@@ -195,9 +195,12 @@ def run_bash(block: Block, work: Path) -> None:
         code, out, err = run_python_m(words, work)
         assert code == 0, f"README line `{command}` exited {code}:\n{err[-3000:]}"
         if words[2:4] == ["train", "predict"]:
-            texts = words[words.index("--adapter") + 2:] if "--file" not in words else ["row"] * 6
+            n_adapters = words.count("--adapter")                # several: each line starts with the adapter
+            last = len(words) - 1 - words[::-1].index("--adapter")
+            texts = words[last + 2:] if "--file" not in words else ["row"] * 6
             lines = out.strip().splitlines()
-            assert len(lines) == len(texts) and all(line.split("\t")[0] in LABELS for line in lines), out
+            assert len(lines) == len(texts) * n_adapters, out
+            assert all(line.split("\t")[n_adapters > 1] in LABELS for line in lines), out
 
 
 # ----------------------------------------------------------------------------- python, toml, text

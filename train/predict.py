@@ -4,6 +4,11 @@ The adapter folder holds PEFT's two files plus `task.json` (backbone, label name
 the recipe writes, so the prompt at inference is exactly the one the adapter was trained with. Encoder
 classifiers (train.encoder_recipe) work the same way: DIR is their adapter (LoRA + the head), or the
 full fine-tune's model folder.
+
+Several `--adapter`s trained on the same backbone are served from one 4-bit base: the base is loaded and
+quantized once, each adapter is added beside the others (lora.load(..., adapter_name=)), and
+lora.set_adapter switches between them per request; each answers with its own prompt and labels, exactly as
+it would loaded alone.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a num
                type(None): "null"}
 
 
-def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: bool = True):
+def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: bool = True,
+                    adapter_name: str = "default"):
     """(model, task, label_names) ready for task.predict_proba, from an adapter folder written by the recipe."""
     adapter_dir = Path(adapter_dir)
     meta = _read_task(adapter_dir / TASK_FILE)
@@ -42,12 +48,54 @@ def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: 
     model, tokenizer = load_model(meta["model"], dtype=torch_dtype)
     if quantized:
         quant.quantize(model, compute_dtype=torch_dtype, **(meta.get("quant") or {}))
-    lora.load(model, adapter_dir)
-    model.eval()
-    task = ClassificationTask(tokenizer, meta["label_words"], instruction=meta["instruction"],
+    lora.load(model, adapter_dir, adapter_name=adapter_name)
+    return model.eval(), _task(meta, tokenizer), meta["label_names"]
+
+
+def load_classifiers(adapter_dirs: Sequence[str | Path], *, dtype: str = "auto", quantized: bool = True):
+    """(model, {name: (task, label_names)}) for adapters of one backbone, the base held once; the name of an
+    adapter is its run's folder (runs/sst2/adapter -> "sst2"). lora.set_adapter(model, name) picks one."""
+    dirs = [Path(d) for d in adapter_dirs]
+    metas = [_read_task(d / TASK_FILE) for d in dirs]
+    _check_one_base(dirs, metas)
+    names = adapter_labels(dirs)
+    model, first, labels = load_classifier(dirs[0], dtype=dtype, quantized=quantized, adapter_name=names[0])
+    served = {names[0]: (first, labels)}
+    for folder, meta, name in zip(dirs[1:], metas[1:], names[1:]):
+        lora.load(model, folder, adapter_name=name)
+        served[name] = (_task(meta, first.tokenizer), meta["label_names"])
+    return model.eval(), served
+
+
+def adapter_labels(dirs: Sequence[Path]) -> list[str]:
+    """A short, unique name per adapter folder: the folder's name, or its run's when it is called adapter/."""
+    names = []
+    for d in dirs:
+        base = d.resolve().parent.name if d.resolve().name in ("adapter", "model") else d.resolve().name
+        name, k = base or "adapter", 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name.replace(".", "_"))
+    return names
+
+
+def _check_one_base(dirs: Sequence[Path], metas: Sequence[dict]) -> None:
+    """Adapters served together must share the backbone and how it was quantized."""
+    if any(m.get("kind") == ENCODER for m in metas) and len(metas) > 1:
+        raise ValueError("several --adapter folders: supported for the prompt classifiers (train.recipe); "
+                         f"{[str(d) for d, m in zip(dirs, metas) if m.get('kind') == ENCODER]} are encoder "
+                         "classifiers, serve them one at a time")
+    for d, m in zip(dirs[1:], metas[1:]):
+        for key in ("model", "quant"):
+            if m.get(key) != metas[0].get(key):
+                raise ValueError(f"{d} was trained on {key} {m.get(key)!r} but {dirs[0]} on {metas[0].get(key)!r}: "
+                                 "adapters served together must share the backbone and its quantization")
+
+
+def _task(meta: dict, tokenizer) -> ClassificationTask:
+    return ClassificationTask(tokenizer, meta["label_words"], instruction=meta["instruction"],
                               system=meta.get("system"), max_length=meta.get("max_length", 256),
                               keep=meta.get("keep", "head"))
-    return model, task, meta["label_names"]
 
 
 def _read_json_object(path: Path) -> dict:
@@ -155,7 +203,9 @@ def _stdin_texts() -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json, task.json, ...)")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="adapter folder (adapter_config.json, task.json, ...); repeat it to serve several adapters "
+                        "of one backbone from one 4-bit base")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--dense", action="store_true", help="keep the backbone dense instead of NF4")
     p.add_argument("--file", default=None, help="texts from a data file (CSV, JSONL, ...; see train.files)")
@@ -170,15 +220,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Prints `label<TAB>p per label<TAB>text` for each text."""
-    _read_task(Path(args.adapter) / TASK_FILE)      # a bad --adapter fails now, not after reading stdin
-    column = args.text_column or (saved_columns(args.adapter).get("text"))
+    """Prints `label<TAB>p per label<TAB>text` for each text; with several adapters, `adapter<TAB>` first."""
+    dirs = [args.adapter] if isinstance(args.adapter, (str, Path)) else list(args.adapter)
+    for d in dirs:
+        _read_task(Path(d) / TASK_FILE)             # a bad --adapter fails now, not after reading stdin
+    column = args.text_column or (saved_columns(dirs[0]).get("text"))
     texts = args.texts or (_file_texts(args.file, column) if args.file else _stdin_texts())
-    model, task, label_names = load_classifier(args.adapter, dtype=args.dtype, quantized=not args.dense)
-    probs = task.predict_proba(model, texts)  # (N, C)
-    for text, pr in zip(texts, probs):
-        scores = "  ".join(f"{n}={v:.3f}" for n, v in zip(label_names, pr))
-        print(f"{label_names[int(pr.argmax())]}\t{scores}\t{text}")
+    if len(dirs) == 1:
+        model, task, label_names = load_classifier(dirs[0], dtype=args.dtype, quantized=not args.dense)
+        served, prefix = {None: (task, label_names)}, False
+    else:
+        (model, served), prefix = load_classifiers(dirs, dtype=args.dtype, quantized=not args.dense), True
+    for name, (task, label_names) in served.items():
+        if prefix:
+            lora.set_adapter(model, name)
+        probs = task.predict_proba(model, texts)  # (N, C)
+        for text, pr in zip(texts, probs):
+            scores = "  ".join(f"{n}={v:.3f}" for n, v in zip(label_names, pr))
+            print(f"{name}\t" * prefix + f"{label_names[int(pr.argmax())]}\t{scores}\t{text}")
 
 
 if __name__ == "__main__":

@@ -25,34 +25,29 @@ How a 270M model (100M of it outside the embedding) can reach EM >= 0.55 on a CP
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-import lora
-import quant
 from lora.atomic import atomic_write
 
 from .distributed import say
-from .loop import TrainConfig, fit
+from .loop import fit
 from .metrics import squad_metrics
 from .models import load_model
+from .pipeline import Recipe, Task, run
 from .qa_eval import (abstain_diagnostics, by_id, dequantized, greedy_em, prediction_rows, qa_metrics,
                       results_markdown, tune_threshold)
-from .recipe import pick_dtype, quantize_and_inject
-from .report import write_report
 from .tasks import GenerationTask
 
 
 @dataclass
-class QARecipe:
-    out_dir: str                                  # metrics.json, results.md, predictions.csv, plots, adapter
+class QARecipe(Recipe):
+    """The shared settings (train.pipeline.Recipe) with QA's defaults, and the prompt / abstain ones."""
     model: str = "gemma3-270m"                    # registry name or a local HF folder
     system: str | None = "Answer from the context."   # short: SmolLM2's default system prompt is 20 tokens
     instruction: str = ("Answer with a short span copied from the context. If the context does not answer "
@@ -66,37 +61,22 @@ class QARecipe:
     train_limit: int | None = None                # cap on training questions (None: every one left)
     train_minutes: float | None = None            # stop training after this long, as an interrupt would
     abstain: str = "calibrated"                   # "calibrated" (threshold) | "greedy"
-    # adapters
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: str | Sequence[str] = "all-linear"
-    adapter_compute: str = "base"                 # "base": adapter math in the backbone dtype | "fp32"
-    # quantization
-    blocksize: int = 64
-    double_quant: bool = True
-    backend: str | None = None
-    dtype: str = "auto"                           # "auto" | "bf16" | "fp32" (compute dtype of the backbone)
-    # training (see train.TrainConfig); batch_size counts packed contexts (~10 questions each)
-    epochs: float = 1.0
-    max_steps: int | None = None
+    # training: batch_size counts packed contexts (~10 questions each)
     batch_size: int = 4
-    grad_accum: int = 1
     lr: float = 5e-4                              # Gemma-3 on the calibration articles: EM 60.7 (3e-4: 58.3)
-    warmup_ratio: float = 0.05
-    grad_checkpointing: bool = False
     eval_batch_size: int = 32
-    seed: int = 0
-    resume: bool = False
-    extra: dict = field(default_factory=dict)     # anything the example wants recorded in metrics.json
 
     def __post_init__(self):
+        super().__post_init__()
         if self.abstain not in ("calibrated", "greedy"):
             raise ValueError(f"abstain must be 'calibrated' or 'greedy', got {self.abstain!r}")
         if self.n_test < 1 or self.n_calib < 1:
             raise ValueError(f"n_test and n_calib must be >= 1, got {self.n_test} and {self.n_calib}")
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if self.export_merged:
+            raise ValueError("export_merged is for the classification tasks; merge a QA adapter in Python with "
+                             "lora.merge_and_unload")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,56 +144,78 @@ def run_qa(recipe: QARecipe, train_rows: Sequence[dict], test_rows: Sequence[dic
 
     train_rows / test_rows: the two sides of an article-disjoint split (test_rows is sampled down to n_test).
     new_examples: {"context", "question"} pairs answered at the end with the fine-tuned model."""
-    out = Path(recipe.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    fit_rows, calib_rows, test_rows = three_sides(recipe, train_rows, test_rows)
+    return run(QATask(recipe, split_note), train_rows, test_rows, new_examples)
 
-    dtype = pick_dtype(recipe.dtype)
-    model, tokenizer = load_model(recipe.model, dtype=dtype)
-    task = GenerationTask(tokenizer, instruction=recipe.instruction, system=recipe.system,
-                          max_length=recipe.max_length, unanswerable=recipe.unanswerable)
-    scored, seconds = {}, {}
-    scored["zero_shot"], seconds["zero_shot"] = score(task, model, test_rows, recipe)
-    test_cut = task.n_truncated
-    zero_shot = [task.decide(s) for s in scored["zero_shot"]]
-    say(f"zero-shot EM {squad_metrics(by_id(test_rows, zero_shot), test_rows)['exact']:.2f} "
-        f"({seconds['zero_shot']:.0f} s)")
 
-    counts = quantize_and_inject(model, recipe, dtype)
-    result, packed, unpacked = train(recipe, model, task, fit_rows)
-    scored["calibration"], seconds["calibration"] = score(task, model, calib_rows, recipe)
-    tuned = calibrate(task, scored["calibration"], calib_rows)
-    threshold = tuned["threshold"] if recipe.abstain == "calibrated" else None
-    scored["fine_tuned"], seconds["fine_tuned"] = score(task, model, test_rows, recipe)
-    fine_tuned = [task.decide(s, threshold, tuned["by"]) for s in scored["fine_tuned"]]
-    greedy = [task.decide(s) for s in scored["fine_tuned"]]
-    diagnostics = abstain_diagnostics(scored["fine_tuned"], test_rows)
-    rows = metric_rows(test_rows, zero_shot, fine_tuned, greedy, seconds)
+class QATask(Task):
+    """Extractive QA that may abstain: greedy spans, a calibrated abstain threshold (module docstring)."""
 
-    lora.save(model, out / "adapter", base_model_name_or_path=recipe.model,
-              extra_files={"qa_task.json": _task_json(recipe, tuned)})
-    examples = answer_new(task, model, new_examples, recipe, threshold, tuned["by"])
-    elapsed = time.perf_counter() - t_start
-    summary = {
-        "data": _data_summary(split_note, fit_rows, calib_rows, test_rows, packed, unpacked, test_cut),
-        "train": _train_summary(result, packed),
-        "abstain": {"mode": recipe.abstain, **tuned, "calibration_greedy_exact":
-                    greedy_em(task, scored["calibration"], calib_rows),
-                    "calibration_seconds": seconds["calibration"]},
-        "diagnostics": diagnostics,
-        "trainable_parameters": counts,
-        "memory": quant.memory_report(model),
-        "new_examples": examples,
-        "dtype": str(dtype).replace("torch.", ""),
-        "run_time_s": round(elapsed, 1),
-    }
-    write_report(out, rows=rows, predictions=prediction_rows(test_rows, zero_shot, fine_tuned, greedy,
-                                                             scored["fine_tuned"], tuned["by"]),
-                 config=dataclasses.asdict(recipe), extra=summary, elapsed=elapsed)
-    atomic_write(out / "results.md", results_markdown(rows, summary, elapsed))
-    return json.loads((out / "metrics.json").read_text())
+    new_key = "new_examples"
+
+    def __init__(self, recipe: QARecipe, split_note: str = ""):
+        super().__init__(recipe)
+        self.split_note = split_note
+        self.scored: dict[str, list] = {}
+        self.seconds: dict[str, float] = {}
+        self.answers: dict[str, list] = {}
+
+    def split(self, train_rows, test_rows):
+        self.fit_rows, self.calib_rows, test_rows = three_sides(self.recipe, train_rows, test_rows)
+        return self.fit_rows, test_rows
+
+    def load(self):
+        r = self.recipe
+        model, tokenizer = load_model(r.model, dtype=self.dtype, device=self.device)
+        self.task = GenerationTask(tokenizer, instruction=r.instruction, system=r.system,
+                                   max_length=r.max_length, unanswerable=r.unanswerable)
+        return model, tokenizer
+
+    def before(self, model, train_rows, test_rows) -> None:
+        self.scored["zero_shot"], self.seconds["zero_shot"] = score(self.task, model, test_rows, self.recipe)
+        self.test_cut = self.task.n_truncated
+        self.answers["zero_shot"] = [self.task.decide(s) for s in self.scored["zero_shot"]]
+        say(f"zero-shot EM {squad_metrics(by_id(test_rows, self.answers['zero_shot']), test_rows)['exact']:.2f} "
+            f"({self.seconds['zero_shot']:.0f} s)")
+
+    def fit(self, model, train_rows):
+        self.result, self.packed, self.unpacked = train(self.recipe, model, self.task, train_rows)
+        return self.result
+
+    def after(self, model, test_rows) -> None:
+        task, recipe = self.task, self.recipe
+        self.scored["calibration"], self.seconds["calibration"] = score(task, model, self.calib_rows, recipe)
+        self.tuned = calibrate(task, self.scored["calibration"], self.calib_rows)
+        self.threshold = self.tuned["threshold"] if recipe.abstain == "calibrated" else None
+        self.scored["fine_tuned"], self.seconds["fine_tuned"] = score(task, model, test_rows, recipe)
+        self.answers["fine_tuned"] = [task.decide(s, self.threshold, self.tuned["by"])
+                                      for s in self.scored["fine_tuned"]]
+        self.answers["greedy"] = [task.decide(s) for s in self.scored["fine_tuned"]]
+        self.rows = metric_rows(test_rows, self.answers["zero_shot"], self.answers["fine_tuned"],
+                                self.answers["greedy"], self.seconds)
+
+    def task_files(self) -> dict[str, str]:
+        return {"qa_task.json": _task_json(self.recipe, self.tuned)}
+
+    def predict(self, model, examples) -> list[dict]:
+        return answer_new(self.task, model, examples, self.recipe, self.threshold, self.tuned["by"])
+
+    def predictions(self, test_rows) -> list[dict]:
+        return prediction_rows(test_rows, self.answers["zero_shot"], self.answers["fine_tuned"],
+                               self.answers["greedy"], self.scored["fine_tuned"], self.tuned["by"])
+
+    def summary(self, result, train_rows, test_rows) -> dict:
+        return {
+            "data": _data_summary(self.split_note, self.fit_rows, self.calib_rows, test_rows, self.packed,
+                                  self.unpacked, self.test_cut),
+            "train": _train_summary(result, self.packed),
+            "abstain": {"mode": self.recipe.abstain, **self.tuned, "calibration_greedy_exact":
+                        greedy_em(self.task, self.scored["calibration"], self.calib_rows),
+                        "calibration_seconds": self.seconds["calibration"]},
+            "diagnostics": abstain_diagnostics(self.scored["fine_tuned"], test_rows),
+        }
+
+    def finish(self, out: Path, metrics: dict) -> None:
+        atomic_write(out / "results.md", results_markdown(self.rows, metrics, metrics["elapsed_s"]))
 
 
 def calibrate(task: GenerationTask, scored: Sequence[dict], calib_rows: Sequence[dict]) -> dict:
@@ -270,7 +272,7 @@ def train(recipe: QARecipe, model, task: GenerationTask, rows: Sequence[dict]):
     packed = pack_training_set(task, rows, recipe.max_turns, recipe.seed)
     say(f"{len(rows)} training questions packed into {len(packed)} sequences: "
         f"{sum(len(p['input_ids']) for p in packed):,} tokens ({unpacked:,} one by one)")
-    config = TrainConfig.from_recipe(recipe, batch_size=min(recipe.batch_size, len(packed)))
+    config = recipe.train_config(batch_size=min(recipe.batch_size, len(packed)))
     loss_fn = _with_deadline(task.loss, recipe.train_minutes)
     result = fit(model, packed, config, loss_fn=loss_fn, collate_fn=task.collate,
                  length_fn=lambda ex: len(ex["input_ids"]))

@@ -7,106 +7,53 @@
       -> train.fit (label-word loss at the answer position)
       -> fine-tuned probabilities -> metrics.json / results.md / predictions.csv / PNGs -> adapter
 
-The examples in examples/ only choose the data, the label words and the prompt; everything that runs lives
-here, so that a change to the recipe reaches every task at once. What they share besides the run itself:
+The run itself is train.pipeline.run (the one pipeline every task type plugs into); this module gives what a
+prompt + verbalizer classifier adds to it (`ClassifyTask`). The examples in examples/ only choose the data, the
+label words and the prompt. What they share besides the run itself:
 `balanced_sample` (stratified, seeded samples: per class, or per language and class), per-group metrics
 (`group_key="language"`: accuracy, macro F1 and AUC per group, in metrics.json and results.md), head+tail
 truncation of long texts (`keep`), and k-shot prompts whose shots are cut to `shot_tokens` each.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-import lora
-import quant
-from lora.atomic import atomic_dir, atomic_write
+from lora.atomic import atomic_write
 
+from .devices import pick_dtype  # noqa: F401  (the recipes' dtype choice; kept importable from here)
 from .distributed import is_main, say
-from .loop import FitResult, TrainConfig, fit
+from .loop import FitResult, fit
 from .metrics import classification_metrics
 from .models import load_model
-from .report import write_report
+from .pipeline import Recipe, Task, export_merged, peak_rss_mb, run, train_summary  # noqa: F401
 from .tasks import ClassificationTask, cut
 
 
 @dataclass
-class ClassificationRecipe:
-    out_dir: str                                  # where metrics.json, predictions.csv, plots, adapter go
-    model: str = "smollm2-135m"                   # registry name or a local HF folder
+class ClassificationRecipe(Recipe):
+    """The shared settings (train.pipeline.Recipe) and the prompt + verbalizer ones."""
     instruction: str = "Classify the sentiment of the text."
     system: str | None = "You are a sentiment classifier."   # short: prompt tokens cost CPU time
     label_words: Sequence[str] = ("negative", "positive")
-    max_length: int = 256                         # prompt tokens; the text part is truncated beyond it
     eval_max_length: int | None = None            # prompt tokens when evaluating and predicting (every row:
                                                   # zero-shot, k-shot, fine-tuned); None: max_length
     keep: str = "head"                            # what a long text keeps: "head" | "head+tail" (train/tasks/)
     few_shot: int = 0                             # k examples in the prompt for a k-shot baseline row
     shot_tokens: int = 128                        # each shot's text is cut to this many tokens (same `keep`)
     group_key: str | None = None                  # e.g. "language": metrics per group as well as overall
-    # adapters
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0                          # dropout masks cost ~30% of a CPU step; 1 epoch needs none
-    targets: str | Sequence[str] = "all-linear"
-    use_rslora: bool = False
-    adapter_compute: str = "base"                 # lora.inject's compute_dtype: "base" = adapter math in the
-                                                  # backbone dtype (bf16 matmuls, ~15% faster CPU steps) | "fp32"
-    # quantization
-    blocksize: int = 64
-    double_quant: bool = True
-    backend: str | None = None                    # None: the fastest correct one for the device
-    dtype: str = "auto"                           # "auto" | "bf16" | "fp32" (compute dtype of the backbone)
-    # training (see train.TrainConfig)
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_ratio: float = 0.05
-    grad_checkpointing: bool = False              # off: on CPU memory is plentiful and recompute costs 30%
-    eval_batch_size: int = 64
-    seed: int = 0
-    resume: bool = False
-    export_merged: str | None = None              # write a plain HF checkpoint of the merged model here
     columns: dict | None = None                   # {"text", "label"}: the user's column names, kept in task.json
-                                                  # so `python -m train eval/predict` read the same columns
-    extra: dict = field(default_factory=dict)     # anything the example wants recorded in metrics.json
+                                                  # so `python -m train eval/predict` read the same ones
 
     @property
     def test_max_length(self) -> int:
         """Prompt tokens when evaluating and predicting: eval_max_length, else max_length."""
         return self.max_length if self.eval_max_length is None else self.eval_max_length
-
-
-def pick_dtype(name: str) -> torch.dtype:
-    """bf16 where the hardware runs it fast (any CUDA GPU with bf16, x86 with avx512_bf16/AMX), else fp32."""
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp32":
-        return torch.float32
-    if name != "auto":
-        raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {name!r}")
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def evaluate(task, model, rows, label_names, batch_size: int,
@@ -158,75 +105,60 @@ def balanced_sample(rows, n: int, *, keys: Sequence[str] = ("label",), seed: int
     return [rows[i] for i in rng.permutation(picked)]
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB.
-
-    Linux's getrusage ru_maxrss survives fork + exec: a child process started by a 2 GB parent reports at
-    least 2 GB. VmHWM in /proc/self/status is the same high-water mark for the current address space only,
-    so it is read first; getrusage is the fallback (KiB on Linux, bytes on macOS)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)                 # "VmHWM:  123456 kB"
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(rss / (2**20 if os.uname().sysname == "Darwin" else 2**10), 1)
-
-
-def run_classification(
-    recipe: ClassificationRecipe,
-    train_rows: Sequence[dict],
-    test_rows: Sequence[dict],
-    label_names: Sequence[str],
-    new_texts: Sequence[str] = (),
-) -> dict:
+def run_classification(recipe: ClassificationRecipe, train_rows: Sequence[dict], test_rows: Sequence[dict],
+                       label_names: Sequence[str], new_texts: Sequence[str] = ()) -> dict:
     """Runs the whole recipe and returns the metrics dict that is also written to out_dir/metrics.json."""
-    out = Path(recipe.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    dtype = pick_dtype(recipe.dtype)
-    model, tokenizer = load_model(recipe.model, dtype=dtype)
-    model.eval()
+    return run(ClassifyTask(recipe, label_names), train_rows, test_rows, new_texts)
 
-    task = build_task(recipe, tokenizer)                                   # training prompts
-    eval_task = build_task(recipe, tokenizer, evaluation=True)             # held-out and new texts
-    rows, probs_by_row = baselines(recipe, model, tokenizer, eval_task, train_rows, test_rows, label_names)
-    counts = quantize_and_inject(model, recipe, dtype)
-    memory = quant.memory_report(model)
-    result = fit_classifier(model, task, train_rows, recipe)
 
-    model.eval()
-    truncated_before = eval_task.n_truncated
-    rows["fine_tuned"], probs_by_row["fine_tuned"] = evaluate(eval_task, model, test_rows, label_names,
-                                                              recipe.eval_batch_size, recipe.group_key)
-    say(f"fine-tuned accuracy {rows['fine_tuned']['accuracy']:.4f}")
-    test_truncated = eval_task.n_truncated - truncated_before
-    if not is_main():
-        return rows
-    lora.save(model, out / "adapter", base_model_name_or_path=recipe.model,
-              extra_files={"task.json": _task_json(recipe, label_names)})
-    examples = predict_texts(eval_task, model, new_texts, label_names, recipe.eval_batch_size)
-    if recipe.export_merged:
-        export_merged(model, tokenizer, recipe.export_merged)
+class ClassifyTask(Task):
+    """A decoder LM as a classifier: the label words' probabilities at the answer position (train/tasks/)."""
 
-    predictions = prediction_table(test_rows, probs_by_row, label_names, recipe.group_key)
-    summary = {
-        "train": {**train_summary(result, len(train_rows)), "texts_truncated": task.n_truncated},
-        "test": {"examples": len(test_rows), "texts_truncated": test_truncated,
-                 "max_length": eval_task.max_length},
-        "trainable_parameters": counts,
-        "memory": memory,
-        "peak_rss_mb": peak_rss_mb(),
-        "new_texts": examples,
-        "dtype": str(dtype).replace("torch.", ""),
-    }
-    write_report(out, rows=rows, predictions=predictions, label_names=list(label_names),
-                 config=dataclasses.asdict(recipe), extra=summary, elapsed=time.perf_counter() - t_start)
-    if recipe.group_key is not None:
-        append_markdown(out, group_markdown(rows, recipe.group_key))
-    return json.loads((out / "metrics.json").read_text())
+    def __init__(self, recipe: ClassificationRecipe, label_names: Sequence[str]):
+        super().__init__(recipe)
+        self.names = list(label_names)
+        self.probs: dict[str, np.ndarray] = {}
+
+    def load(self):
+        model, self.tokenizer = load_model(self.recipe.model, dtype=self.dtype, device=self.device)
+        self.task = build_task(self.recipe, self.tokenizer)                         # training prompts
+        self.eval_task = build_task(self.recipe, self.tokenizer, evaluation=True)   # held-out and new texts
+        return model, self.tokenizer
+
+    def before(self, model, train_rows, test_rows) -> None:
+        self.rows, self.probs = baselines(self.recipe, model, self.tokenizer, self.eval_task, train_rows,
+                                          test_rows, self.names)
+
+    def fit(self, model, train_rows) -> FitResult:
+        return fit_classifier(model, self.task, train_rows, self.recipe)
+
+    def after(self, model, test_rows) -> None:
+        truncated_before = self.eval_task.n_truncated
+        self.rows["fine_tuned"], self.probs["fine_tuned"] = evaluate(
+            self.eval_task, model, test_rows, self.names, self.recipe.eval_batch_size, self.recipe.group_key)
+        say(f"fine-tuned accuracy {self.rows['fine_tuned']['accuracy']:.4f}")
+        self.test_truncated = self.eval_task.n_truncated - truncated_before
+
+    def task_files(self) -> dict[str, str]:
+        return {"task.json": _task_json(self.recipe, self.names)}
+
+    def predict(self, model, texts) -> list[dict]:
+        return predict_texts(self.eval_task, model, texts, self.names, self.recipe.eval_batch_size)
+
+    def predictions(self, test_rows) -> list[dict]:
+        return prediction_table(test_rows, self.probs, self.names, self.recipe.group_key)
+
+    def summary(self, result, train_rows, test_rows) -> dict:
+        return {"train": {**train_summary(result, len(train_rows)), "texts_truncated": self.task.n_truncated},
+                "test": {"examples": len(test_rows), "texts_truncated": self.test_truncated,
+                         "max_length": self.eval_task.max_length}}
+
+    def label_names(self) -> list[str]:
+        return self.names
+
+    def finish(self, out: Path, metrics: dict) -> None:
+        if self.recipe.group_key is not None:
+            append_markdown(out, group_markdown(self.rows, self.recipe.group_key))
 
 
 def baselines(recipe: ClassificationRecipe, model, tokenizer, eval_task, train_rows, test_rows,
@@ -246,30 +178,11 @@ def baselines(recipe: ClassificationRecipe, model, tokenizer, eval_task, train_r
     return rows, probs_by_row
 
 
-def quantize_and_inject(model, recipe, dtype: torch.dtype) -> dict:
-    """The backbone to NF4 (computing in `dtype`), then LoRA adapters; returns lora.trainable_parameters."""
-    quant.quantize(model, blocksize=recipe.blocksize, double_quant=recipe.double_quant,
-                   compute_dtype=dtype, backend=recipe.backend)
-    lora.inject(model, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, targets=recipe.targets,
-                use_rslora=getattr(recipe, "use_rslora", False),       # QARecipe has no such field: inject's default
-                compute_dtype=recipe.adapter_compute)
-    counts = lora.trainable_parameters(model)
-    say(f"trainable {counts['trainable']:,} / {counts['total']:,} ({counts['percent']:.3f}%)")
-    return counts
-
-
 def fit_classifier(model, task, train_rows: Sequence[dict], recipe) -> FitResult:
     """train.fit on the task-encoded (text, label) rows, batched by length, with the recipe's TrainConfig."""
     encoded = [{"input_ids": task.encode(r["text"]), "label": int(r["label"])} for r in train_rows]
-    return fit(model, encoded, TrainConfig.from_recipe(recipe), loss_fn=task.loss, collate_fn=task.collate,
+    return fit(model, encoded, recipe.train_config(), loss_fn=task.loss, collate_fn=task.collate,
                length_fn=lambda ex: len(ex["input_ids"]))
-
-
-def train_summary(result: FitResult, n_examples: int) -> dict:
-    """metrics.json's "train" entry."""
-    return {"examples": n_examples, "steps": result.steps, "seconds": round(result.elapsed_s, 1),
-            "tokens_per_s": round(result.tokens_per_s, 1), "final_loss": result.final_loss,
-            "stopped": result.stopped}
 
 
 def predict_texts(task, model, texts: Sequence[str], label_names, batch_size: int) -> list[dict]:
@@ -326,19 +239,6 @@ def append_markdown(out: Path, section: str) -> None:
     """Adds a section to out/results.md (atomically, like the rest of the report)."""
     path = Path(out) / "results.md"
     atomic_write(path, path.read_text(encoding="utf-8") + "\n" + section)
-
-
-def export_merged(model, tokenizer, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
-    """Writes a plain HF checkpoint (dense weights, adapters folded in) that from_pretrained loads, as a folder
-    replaced as a whole (lora.atomic): a kill while writing leaves the previous export. A model without
-    adapters is saved as it is."""
-    has_lora = any(isinstance(m, lora.LoRALinear) for m in model.modules())
-    merged = lora.merge_and_unload(model) if has_lora else model
-    with atomic_dir(path) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
 
 
 def _task_json(recipe: ClassificationRecipe, label_names) -> str:

@@ -7,13 +7,13 @@ the fields a checkpoint records: a resume with other values is refused (train/re
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from .config import check_fields
 
 # The TrainConfig fields that decide the batches and the updates: a resume must share them (train/resume.py).
 RUN_SETTINGS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
-                "warmup_steps", "min_lr_ratio", "max_grad_norm", "seed", "precision")
+                "warmup_steps", "min_lr_ratio", "max_grad_norm", "seed", "precision", "loraplus_lr_ratio")
 
 
 @dataclass
@@ -24,6 +24,7 @@ class TrainConfig:
     batch_size: int = 8                     # micro-batch per process
     grad_accum: int = 1                     # micro-batches per optimizer step
     lr: float = 2e-4                        # peak learning rate (AdamW)
+    loraplus_lr_ratio: float | None = None  # LoRA+: every lora_B (and 1-D trainable) learns at ratio x lr; None: off
     weight_decay: float = 0.0               # AdamW's decoupled weight decay
     warmup_ratio: float = 0.0               # linear warmup as a fraction of all steps ...
     warmup_steps: int | None = None         # ... or as a number of steps (then warmup_ratio must stay 0)
@@ -47,6 +48,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
+               f"loraplus_lr_ratio must be > 0 (LoRA+ uses ~16) or None, got {self.loraplus_lr_ratio}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0 or None")
@@ -63,16 +66,6 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1 or None, got {value}")
         _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-
-    @classmethod
-    def from_recipe(cls, recipe, **overrides) -> "TrainConfig":
-        """The config a recipe dataclass describes: every TrainConfig field the recipe also has, taken by
-        name (out_dir, epochs, lr, seed, ...), then `overrides`. The recipes' one way to build it."""
-        names = [f.name for f in fields(cls)]
-        kwargs = {n: getattr(recipe, n) for n in names if hasattr(recipe, n)}
-        unknown = set(overrides) - set(names)
-        _check(not unknown, f"not TrainConfig fields: {sorted(unknown)}")
-        return cls(**{**kwargs, **overrides})
 
 
 @dataclass

@@ -233,8 +233,14 @@ def test_load_other_peft_type(adapter):
 
 
 def test_load_unsupported_lora_variant(adapter):
-    _rewrite_config(adapter, use_dora=True)
-    _expect_load_error(adapter, ValueError, r"features this library does not implement: \{'use_dora': True\}")
+    _rewrite_config(adapter, fan_in_fan_out=True)
+    _expect_load_error(adapter, ValueError, r"features this library does not implement: \{'fan_in_fan_out': True\}")
+
+
+def test_load_dora_config_without_magnitudes_names_them(adapter):
+    _rewrite_config(adapter, use_dora=True)     # a LoRA file relabelled: DoRA's m per layer is missing
+    _expect_load_error(adapter, ValueError, r"missing from the file, e.g. \['base_model\.model\.model\.layers\.0"
+                                            r"\.self_attn\.q_proj\.lora_magnitude_vector'")
 
 
 def test_load_shape_mismatch_names_the_tensor(adapter):

@@ -1,7 +1,6 @@
 """train.fit on a tiny random Llama with LoRA: learning, schedule, accumulation, checkpointing, resume, bad input."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -391,28 +390,6 @@ def test_loss_fn_returning_wrong_types_raises(tmp_path):
 def test_inconsistent_config_raises(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         make_config(tmp_path, **bad)
-
-
-@pytest.mark.parametrize("recipe_cls", ["ClassificationRecipe", "EncoderRecipe", "QARecipe"])
-def test_config_from_recipe_takes_every_shared_field(tmp_path, recipe_cls):
-    from train import encoder_recipe, qa_recipe, recipe as classification
-    cls = {"ClassificationRecipe": classification.ClassificationRecipe, "EncoderRecipe": encoder_recipe.EncoderRecipe,
-           "QARecipe": qa_recipe.QARecipe}[recipe_cls]
-    recipe = cls(out_dir=str(tmp_path), epochs=2.5, max_steps=7, batch_size=3, grad_accum=2, lr=1.5e-3, seed=11,
-                 warmup_ratio=0.2, resume=True)
-    config = TrainConfig.from_recipe(recipe, batch_size=5)
-    shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(cls)}
-    assert {"out_dir", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "seed", "resume"} <= shared
-    for name in shared - {"batch_size"}:
-        assert getattr(config, name) == getattr(recipe, name), name
-    assert config.batch_size == 5                                   # the override wins
-    assert config.log_every == TrainConfig(out_dir="x").log_every   # fields the recipe lacks keep their default
-
-
-def test_config_from_recipe_rejects_unknown_overrides(tmp_path):
-    from train.recipe import ClassificationRecipe
-    with pytest.raises(ValueError, match="not TrainConfig fields.*lr_max"):
-        TrainConfig.from_recipe(ClassificationRecipe(out_dir=str(tmp_path)), lr_max=1.0)
 
 
 def test_warmup_longer_than_training_raises(tmp_path):
