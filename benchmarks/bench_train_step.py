@@ -87,7 +87,7 @@ def build_ours(args, dtype, device, adapter_compute="base"):
     model, tokenizer = train.load_model(args.model, dtype=dtype, quantize={"blocksize": 64, "double_quant": True})
     model.to(device)
     lora.inject(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets="all-linear",
-                compute_dtype=adapter_compute)
+                compute_dtype=adapter_compute, use_dora=args.use_dora)
     train.enable_gradient_checkpointing(model)
     layer = next(m for m in model.modules() if isinstance(m, quant.Linear4bit))
     return model.train(), tokenizer, {"backend": layer.backend or "auto", "blocksize": layer.quant_state.blocksize,
@@ -112,7 +112,7 @@ def build_peer(args, dtype, device):
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                                  target_modules="all-linear", task_type="CAUSAL_LM")
+                                  target_modules="all-linear", task_type="CAUSAL_LM", use_dora=args.use_dora)
     model = peft.get_peft_model(model, lora_config)
     import bitsandbytes as bnb
     layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
@@ -247,6 +247,8 @@ def child_args(args, dtype, loss, side):
     out = ["--child", side, "--dtype", dtype, "--loss", loss, "--model", args.model,
            "--batch-size", args.batch_size, "--seq-len", args.seq_len, "--r", args.r, "--alpha", args.alpha,
            "--dropout", args.dropout, "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads]
+    if args.use_dora:
+        out.append("--use-dora")
     if args.device:
         out += ["--device", args.device]
     if args.profile and not side.startswith("peer"):
@@ -329,6 +331,7 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides")
+    ap.add_argument("--use-dora", action="store_true", help="DoRA on both sides (PEFT's use_dora=True)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocate AdamW state, caches)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")

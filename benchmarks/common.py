@@ -127,9 +127,8 @@ def save_json(name, env, rows, **extra):
     """results/<name>.json (an absolute `name` is written where it says), atomically."""
     path = RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"environment": env, **extra, "rows": rows}, indent=2, default=str))
-    os.replace(tmp, path)
+    from lora.atomic import atomic_write  # the project's one write helper (sys.path holds the repo root)
+    atomic_write(path, json.dumps({"environment": env, **extra, "rows": rows}, indent=2, default=str))
     root = RESULTS.parent.parent
     print(f"\nwrote {path.relative_to(root) if path.is_relative_to(root) else path}")
     return path

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for lora.atomic
+from lora.atomic import atomic_write  # noqa: E402
 
 DEQUANT_COPY, DEQUANT_VS_BNB = 0.80, 1.15       # >= 80% of copy bandwidth, >= 1.15x bitsandbytes
 MATMUL_LARGE_M, LARGE_VS_DENSE = 512, 1.15      # M >= 512: time <= 1.15x cuBLAS bf16
@@ -206,9 +210,9 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="label the report as a CPU plumbing check")
     args = ap.parse_args()
     report = collect(args.out, args.dry_run)
-    (args.out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
+    atomic_write(args.out / "gpu_suite.json", json.dumps(report, indent=2, default=str))
     text = markdown(report)
-    (args.out / "gpu_suite.md").write_text(text)
+    atomic_write(args.out / "gpu_suite.md", text)
     print(text)
 
 

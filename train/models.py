@@ -168,17 +168,26 @@ def _is_cached(folder: Path) -> bool:
 
 def ensure_cached_gguf(gguf_path: Path, name: str, cache_dir=None) -> Path:
     """Converts `gguf_path` to an fp32 HF folder at <cache root>/<name> (atomically), unless already there."""
-    target = cache_root(cache_dir) / name
+    def make(tmp: Path) -> Path:
+        _convert_gguf(Path(gguf_path), tmp)
+        return tmp
+    return build_cache(cache_root(cache_dir) / name, make, source=str(gguf_path))
+
+
+def build_cache(target: Path, make, source) -> Path:
+    """`target`, built once: make(tmp) fills a temp folder beside it and returns the folder to install; the marker
+    is written into that folder, which is renamed into place. A kill leaves no half cache, only a temp folder
+    the next build's mkdtemp never reuses."""
     if _is_cached(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
     try:
-        _convert_gguf(Path(gguf_path), tmp)
-        (tmp / CACHE_MARKER).write_text(json.dumps({"version": CACHE_VERSION, "source": str(gguf_path)}))
+        folder = make(tmp)
+        (folder / CACHE_MARKER).write_text(json.dumps({"version": CACHE_VERSION, "source": source}))
         if target.exists():  # a stale or half-written folder from an older layout: replace it
             shutil.rmtree(target)
-        os.rename(tmp, target)
+        os.rename(folder, target)
     except OSError:
         if not _is_cached(target):  # not a lost race with another process that finished first
             raise
