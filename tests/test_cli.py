@@ -128,7 +128,13 @@ def test_without_a_test_file_a_stratified_share_is_held_out(tmp_path, tiny_model
     (lambda d: (d / "t.csv").write_text(""), [], r"t\.csv is empty"),
     (lambda d: write_csv(d / "t.csv", 6), ["--lr", "-1"], r"lr must be > 0, got -1"),
     (lambda d: write_csv(d / "t.csv", 6), ["--config", "nope.toml"], r"config file nope\.toml does not exist"),
-], ids=["missing-column", "not-utf8", "empty-text", "empty-file", "bad-lr", "missing-config"])
+    pytest.param(lambda d: write_csv(d / "t.csv", 6), ["--device", "cuda"],
+                 r"device 'cuda' asked for, but this machine has no usable CUDA GPU", id="no-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (lambda d: write_csv(d / "t.csv", 6), ["--use-dora", "--loraplus-lr-ratio", "0"],
+     r"loraplus_lr_ratio must be > 0, got 0"),
+], ids=["missing-column", "not-utf8", "empty-text", "empty-file", "bad-lr", "missing-config", "no-gpu",
+        "bad-loraplus"])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, setup, args, message):
     import re
 
