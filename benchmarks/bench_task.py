@@ -5,7 +5,8 @@
            matmuls in bf16 from fp32 weights, the recipe's adapter_compute="base"), the
            label-word loss at the answer position (the head applied to the 2 label rows of the B last states),
            batches grouped by length (train.batches.epoch_batches) and padded to their own longest prompt; the
-           recipe's dropout and gradient-checkpointing defaults (both off on CPU).
+           recipe's dropout (off) and examples/sst2.py's gradient checkpointing (off: short prompts); under
+           jemalloc, as the library's commands run.
     peer   what a PEFT QLoRA fine-tune usually looks like: transformers' BitsAndBytesConfig (NF4, double quant)
            + peft.get_peft_model (lora_dropout 0.05), gradient checkpointing on (prepare_model_for_kbit_training
            turns it on), random batches padded to the batch maximum, and the causal-LM loss over the answer
@@ -133,17 +134,21 @@ def child(args):
     from train import ClassificationTask, load_split, load_tokenizer
     from train.batches import epoch_batches
     from train.loop import TrainConfig, lr_multiplier, make_optimizer
+    from train.memory import allocator, run_under_jemalloc
     from train.recipe import ClassificationRecipe, pick_dtype
 
+    if args.child == "ours":
+        run_under_jemalloc()                 # as the library's commands run (train/memory.py)
     pick_device("cpu", args.threads)
     wall0 = time.perf_counter()
-    recipe = ClassificationRecipe(out_dir="unused")
+    recipe = ClassificationRecipe(out_dir="unused", grad_checkpointing=False)   # as examples/sst2.py runs it
     dtype = pick_dtype(recipe.dtype)
     torch.manual_seed(recipe.seed)
     task = ClassificationTask(load_tokenizer(recipe.model), list(recipe.label_words), instruction=INSTRUCTION,
                               system=recipe.system, max_length=recipe.max_length)
     build = build_ours if args.child == "ours" else build_peer
     model, encode, collate, loss_fn, grouped, info = build(recipe, dtype, task, args)
+    info["allocator"] = allocator()
     train_rows = load_split("sst2", "train", limit=args.train_limit, seed=recipe.seed)
     dev_rows = load_split("sst2", "validation", limit=args.eval_limit, seed=recipe.seed)
     data = [encode(r) for r in train_rows]

@@ -18,7 +18,8 @@ class _LeanMemory(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, lean_cpu_allocator())
         if not namespace.lean_memory:
-            print("--lean-memory: not applied (not glibc, or MALLOC_MMAP_THRESHOLD_ is already set)", flush=True)
+            print("--lean-memory: not applied (jemalloc serves, the C library is not glibc, or "
+                  "MALLOC_MMAP_THRESHOLD_ is already set)", flush=True)
 
 
 def parser(description: str, *, train_limit: int, out_name: str) -> argparse.ArgumentParser:
@@ -48,10 +49,11 @@ def parser(description: str, *, train_limit: int, out_name: str) -> argparse.Arg
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one) | cpu | cuda | cuda:N")
     p.add_argument("--few-shot", type=int, default=0, help="k for a k-shot baseline row (0: none)")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each block in backward: activation memory of one block, not all")
     p.add_argument("--lean-memory", action=_LeanMemory, nargs=0, default=False,
-                   help="freed CPU tensors go straight back to the OS: lower peak RSS, slower steps "
-                        "(train/memory.py has the measured trade)")
+                   help="where jemalloc is missing: freed CPU tensors go straight back to the OS, lower peak "
+                        "RSS, slower steps (train/memory.py has the measured trade)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--export-merged", default=None, help="write a merged plain HF checkpoint here")
     p.add_argument("--seed", type=int, default=0)

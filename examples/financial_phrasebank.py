@@ -26,7 +26,7 @@ def get_parser():
                    help="Sentences_<agreement>Agree.txt: the share of annotators who agreed")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=64)
-    p.set_defaults(epochs=5.0, few_shot=4)
+    p.set_defaults(epochs=5.0, few_shot=4, grad_checkpointing=False)   # short sentences: well inside 4 GB without
     return p
 
 
@@ -57,6 +57,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     from train.cli import user_errors
+    from train.memory import run_under_jemalloc
 
     with user_errors():
+        run_under_jemalloc()            # re-executes this script once under jemalloc (train/memory.py)
         main()

@@ -18,7 +18,9 @@ NEW_TEXTS = [
 
 
 def main() -> None:
-    args = parser(__doc__, train_limit=12000, out_name="sst2").parse_args()
+    p = parser(__doc__, train_limit=12000, out_name="sst2")
+    p.set_defaults(grad_checkpointing=False)      # short prompts: without it the run stays far inside 4 GB
+    args = p.parse_args()
     train_n = args.train_limit if args.limit is None else min(args.train_limit, args.limit)
     train_rows = load_split("sst2", "train", data_dir=args.data_dir, limit=train_n, seed=args.seed)
     test_rows = load_split("sst2", "test", data_dir=args.data_dir, limit=args.limit, seed=args.seed)
@@ -29,6 +31,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     from train.cli import user_errors
+    from train.memory import run_under_jemalloc
 
     with user_errors():
+        run_under_jemalloc()            # re-executes this script once under jemalloc (train/memory.py)
         main()

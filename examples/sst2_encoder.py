@@ -105,6 +105,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     from train.cli import user_errors
+    from train.memory import run_under_jemalloc
 
     with user_errors():
+        run_under_jemalloc()            # re-executes this script once under jemalloc (train/memory.py)
         main()

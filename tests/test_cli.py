@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.__main__ import main
+from train.memory import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("bearish", "neutral", "bullish")
@@ -61,6 +62,7 @@ def test_fit_eval_predict_on_a_csv_with_its_own_column_names(tmp_path, tiny_mode
                     "--max-steps", "2", "--batch-size", "4", "--dtype", "fp32"]) or json.loads(
         (out / "metrics.json").read_text())
     assert metrics["label_names"] == ["bearish", "bullish", "neutral"]
+    assert metrics["allocator"] == allocator()          # this process's: jemalloc only where it re-executed
     for row in ("zero_shot", "fine_tuned"):
         assert metrics[row]["n"] == 12 and 0 <= metrics[row]["accuracy"] <= 1
     assert metrics["config"]["extra"]["config"]["data"]["text_column"] == "headline"

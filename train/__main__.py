@@ -24,6 +24,7 @@ import numpy as np
 
 from . import files
 from .cli import user_errors
+from .memory import run_under_jemalloc
 from .config import RunConfig, add_config_flags, auto_epochs, config_from_args
 
 
@@ -204,4 +205,5 @@ def predict_command(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     with user_errors():
+        run_under_jemalloc()            # re-executes this command once under jemalloc (train/memory.py)
         main(sys.argv[1:])

@@ -103,7 +103,7 @@ class TrainSettings:
     loraplus_lr_ratio: float | None = None  # LoRA+: lora_B learns at ratio x lr (~16 in its paper); None: off
     warmup_ratio: float | None = None
     weight_decay: float = 0.0               # AdamW's decoupled weight decay
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # None: the task's (on)
     eval_batch_size: int | None = None
     seed: int = 0
     resume: bool = False                    # continue the run in `out` from its newest checkpoint

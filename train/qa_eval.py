@@ -14,33 +14,35 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import quant
+from quant import backends
 
 from .metrics import exact_match, squad_metrics, token_f1
 from .tasks import GenerationTask
 
 
 class _Dequantized(nn.Module):
-    """A Linear4bit's forward with the dequantized weight cached: the same F.linear on the same numbers."""
+    """A Linear4bit's forward with the dequantized weight cached: the same matmul on the same numbers (in the
+    dtype the layer multiplies in: `quant.backends.matmul_dtype`)."""
 
     def __init__(self, layer: quant.Linear4bit):
         super().__init__()
         self.dtype = layer.compute_dtype
-        self.weight = layer.dequantize(self.dtype)                                     # (out, in)
+        probe = torch.empty(0, dtype=self.dtype, device=layer.weight.device)
+        self.weight = layer.dequantize(backends.matmul_dtype(probe))                  # (out, in)
         self.bias = None if layer.bias is None else layer.bias.to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
+        return backends.dense_linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
 
 
 @contextlib.contextmanager
 def dequantized(model: nn.Module):
     """Inference with every Linear4bit's weight dequantized once instead of at every call.
 
-    # Note: Linear4bit.forward is F.linear(x, dequantize(W) in compute_dtype), so caching the dequantized
+    # Note: Linear4bit.forward is F.linear(x, dequantize(W)) in its matmul dtype, so caching the dequantized
     # weight changes no number; it saves one dequantization of every layer per decoding step (24 steps per
     # batch), the dominant cost of generating on a CPU. It costs a dense copy of the base (2 bytes/param
     # in bf16) for the duration, and is for no_grad inference only: the training path stays 4-bit."""

@@ -100,14 +100,56 @@ def test_backward_saves_only_the_packed_weight():
     y.sum().backward()
 
 
-def test_compute_dtype_is_used_and_output_keeps_input_dtype():
+@pytest.mark.parametrize("half_matmul", ["native", "fp32"])
+@pytest.mark.parametrize("backend", ["torch", "bnb"])
+def test_compute_dtype_is_used_and_output_keeps_input_dtype(monkeypatch, half_matmul, backend):
+    monkeypatch.setenv(qbackends.HALF_MATMUL_ENV, half_matmul)
+    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})
     linear = make_linear(32, 64)
-    layer = Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16)
-    x = torch.randn(5, 64)
+    layer = Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16, backend=backend)
+    x = torch.randn(5, 64, requires_grad=True)
     y = layer(x)
     assert y.dtype == torch.float32
-    expected = F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), linear.bias.bfloat16()).float()
-    assert_close(y, expected, 0.0, "bf16 compute")
+    x16, w16, b16 = x.detach().bfloat16(), layer.dequantize(torch.bfloat16), linear.bias.detach().bfloat16()
+    dy = torch.randn(5, 32)
+    y.backward(dy)
+    if half_matmul == "native":       # bf16 matmuls
+        expected, dx = F.linear(x16, w16, b16), dy.bfloat16() @ w16
+    else:                             # the weight dequantized to fp32, bf16 activations, fp32 matmuls
+        w32 = layer.dequantize(torch.float32)
+        expected = F.linear(x16.float(), w32, b16.float()).bfloat16()
+        dx = (dy.bfloat16().float() @ w32).bfloat16()
+    assert_close(y, expected.float(), 0.0, f"bf16 compute, {half_matmul} matmul")
+    assert_close(x.grad, dx.float(), 0.0, f"bf16 input gradient, {half_matmul} matmul")
+    assert qbackends.half_matmul_choice(torch.bfloat16)["backend"] == half_matmul
+
+
+def test_half_matmul_choice_is_measured_once_per_machine_and_listed(monkeypatch, tmp_path):
+    monkeypatch.delenv(qbackends.HALF_MATMUL_ENV, raising=False)
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})
+    first = qbackends.half_matmul_choice(torch.bfloat16)
+    assert first["how"] == "measured" and first["backend"] in ("native", "fp32")
+    assert set(first["times_ms"]) == {"native", "fp32"}
+    assert qbackends.half_matmul_choice(torch.bfloat16) is first
+    assert first in quant.backend_choice()
+    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})                    # a new process on the same machine
+    again = qbackends.half_matmul_choice(torch.bfloat16)
+    assert again["how"].startswith("measured before on this CPU") and again["backend"] == first["backend"]
+    assert again["times_ms"] == first["times_ms"]
+    qbackends.half_matmul_cache().write_text("{not json")                   # a damaged cache is measured again
+    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})
+    assert qbackends.half_matmul_choice(torch.bfloat16)["how"] == "measured"
+    wanted = torch.float32 if first["backend"] == "fp32" else torch.bfloat16
+    assert qbackends.matmul_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == wanted
+    assert qbackends.matmul_dtype(torch.zeros(2, 2)) == torch.float32
+
+
+def test_half_matmul_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(qbackends.HALF_MATMUL_ENV, "fast")
+    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})
+    with pytest.raises(ValueError, match="QLORA_CPU_HALF_MATMUL='fast': expected 'native' or 'fp32'"):
+        qbackends.half_matmul_choice(torch.bfloat16)
 
 
 def test_works_under_non_reentrant_checkpoint():
@@ -161,9 +203,12 @@ def test_default_backend_on_cpu_is_bnb_when_its_library_loads():
 @pytest.mark.parametrize("shape, native", [((8, 64), True), ((3, 5), False)], ids=["even", "odd_numel"])
 def test_bnb_backend_uses_quant_nf4_where_bnb_has_no_native_kernel(monkeypatch, shape, native):
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    calls = []
-    real = bnbf.dequantize_4bit
-    monkeypatch.setattr(bnbf, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from quant import bnb_native
+
+    calls = []   # bnb's C kernel, reached through the package or directly (quant.bnb_native)
+    for owner, name in ((bnbf, "dequantize_4bit"), (bnb_native, "dequantize")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     layer = Linear4bit.from_linear(make_linear(*shape), backend="bnb")
     ref = Linear4bit.from_linear(make_linear(*shape), backend="torch")
     assert_close(layer.dequantize(), ref.dequantize(), 0.0, "dequantize")

@@ -50,3 +50,71 @@ def test_lean_allocator_rejects_bad_threshold():
 def test_lean_allocator_leaves_the_users_setting(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert memory.lean_cpu_allocator() is False
+
+
+# ------------------------------------------------------------------ jemalloc for the commands
+
+REEXEC = textwrap.dedent("""
+    import sys
+    from train.memory import allocator, run_under_jemalloc
+    run_under_jemalloc()
+    print(allocator(), *sys.argv[1:])
+""")
+
+
+def run_probe(tmp_path, env_extra, *args):
+    script = tmp_path / "probe.py"
+    script.write_text(REEXEC)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory._REEXECUTED, memory.ALLOCATOR_ENV)}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120,
+                          env={**env, **env_extra}, cwd=root)
+
+
+needs_jemalloc = pytest.mark.skipif(not sys.platform.startswith("linux") or memory.find_jemalloc() is None,
+                                    reason="no libjemalloc.so.2 here (make installs one into the venv)")
+
+
+@needs_jemalloc
+def test_a_command_reexecutes_itself_under_jemalloc_with_its_arguments(tmp_path):
+    done = run_probe(tmp_path, {}, "--flag", "two words")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(maxsplit=1) == ["jemalloc", "--flag two words\n"]
+
+
+@needs_jemalloc
+def test_jemalloc_frees_and_the_lean_setting_then_stands_down(tmp_path):
+    script = tmp_path / "lean.py"
+    script.write_text("from train.memory import lean_cpu_allocator, run_under_jemalloc\n"
+                      "run_under_jemalloc()\nprint(lean_cpu_allocator())\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.stdout.strip() == "False", done.stderr      # glibc's malloc is not the one serving
+
+
+def test_system_allocator_when_asked_or_missing(tmp_path):
+    done = run_probe(tmp_path, {memory.ALLOCATOR_ENV: "system"}, "x")
+    assert done.returncode == 0 and done.stdout.split() == ["system", "x"], done.stderr
+    done = run_probe(tmp_path, {memory.JEMALLOC_ENV: str(tmp_path / "none.so")}, "x")
+    assert done.returncode != 0 and "QLORA_JEMALLOC=" in done.stderr and "no such file" in done.stderr
+
+
+def test_an_unknown_allocator_name_is_an_error(monkeypatch):
+    monkeypatch.setenv(memory.ALLOCATOR_ENV, "tcmalloc")
+    monkeypatch.delenv(memory._REEXECUTED, raising=False)
+    if memory.allocator() == "jemalloc" or not sys.platform.startswith("linux"):
+        pytest.skip("the check runs before a re-execution, which is not needed here")
+    with pytest.raises(ValueError, match="QLORA_ALLOCATOR='tcmalloc': expected 'jemalloc' or 'system'"):
+        memory.run_under_jemalloc()
+
+
+def test_every_command_starts_under_jemalloc():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    mains = [os.path.join(root, "train", "__main__.py")] + [
+        os.path.join(root, "examples", f) for f in sorted(os.listdir(os.path.join(root, "examples")))
+        if f.endswith(".py") and f != "common.py"]
+    for path in mains:
+        guard = open(path).read().split('if __name__ == "__main__":')[1]
+        assert guard.index("run_under_jemalloc()") < guard.index("main("), path

@@ -327,6 +327,26 @@ def test_generation_feeds_a_frozen_head_a_contiguous_input(tok, monkeypatch):
     assert not seen[0]                                           # what generate() hands the head by itself
 
 
+def test_generation_scores_equal_a_teacher_forced_pass(tok):
+    # the scores kept step by step (no (b, V) logits stored) against the model re-run on prompt + answer
+    model = tiny_llama(seed=2)
+    task = GenerationTask(tok)
+    scored = task.generate_scored(model, QA, max_new_tokens=5, batch_size=2)     # left-padded batch of two
+    for example, got in zip(QA, scored):
+        prompt = task.encode_prompt(example)
+        alone = task.generate_scored(model, [example], max_new_tokens=5, batch_size=1)[0]
+        with torch.no_grad():
+            masked = model(torch.tensor([prompt])).logits[0, -1].float()
+        masked[task.abstain_id] = float("-inf")                    # greedy's first step never abstains
+        first = int(masked.argmax())
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + [first]])).logits[0].float().log_softmax(-1)    # (T + 1, V)
+        assert got["logp_abstain"] == pytest.approx(float(logp[len(prompt) - 1, task.abstain_id]), abs=1e-4)
+        assert got["logp_first"] == pytest.approx(float(logp[len(prompt) - 1, first]), abs=1e-4)
+        assert alone["logp_first"] == pytest.approx(got["logp_first"], abs=1e-4)
+        assert alone["answer"] == got["answer"]
+
+
 @pytest.mark.parametrize("generated, expected", [
     ("Paris.", "Paris"), ("  \"the Normans\"\nmore text", "the Normans"), ("unanswerable", ""),
     ("Unanswerable.", ""), ("", "")], ids=["period", "quotes+newline", "abstain", "abstain-case", "empty"])
@@ -367,3 +387,52 @@ def test_loss_identity_with_the_smollm2_tokenizer(smol_tok):
     loss, _ = task.loss(model, batch)
     ref = F.cross_entropy(full_vocab_label_logits(model, batch, task.label_ids), batch["labels"])
     assert loss.item() == pytest.approx(ref.item(), abs=ATOL)
+
+
+# ---------------------------------------------------------------------------- the chunked LM-head loss
+
+@pytest.mark.parametrize("n", [1, 7, 50])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_the_dense_loss_and_grads(n, chunk_rows, dtype):
+    from tiny import tiny_gemma3
+
+    model = tiny_gemma3().to(dtype)
+    model.config.final_logit_softcapping = 30.0                  # the softcap is applied per chunk too
+    vocab, d = model.get_output_embeddings().weight.shape
+    torch.manual_seed(n)
+    h = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    dense = F.cross_entropy(task_mod.softcap(model.get_output_embeddings()(h).float(), model), targets)
+    (g_dense,) = torch.autograd.grad(dense, h)
+    chunked = task_mod.chunked_cross_entropy(h, targets, model, chunk_bytes=chunk_rows * 4 * vocab)
+    (g_chunked,) = torch.autograd.grad(chunked, h)
+    assert abs(chunked.item() - dense.item()) <= 1e-6 * abs(dense.item())      # fp32 sums in another order
+    tol = 1e-6 if dtype == torch.float32 else 2**-8                            # bf16: one rounding of dL/dh
+    assert (g_chunked.float() - g_dense.float()).abs().max() <= tol * g_dense.float().abs().max()
+
+
+def test_chunked_cross_entropy_keeps_one_chunk_of_logits_alive():
+    from tiny import tiny_gemma3
+
+    model = tiny_gemma3()
+    vocab, d = model.get_output_embeddings().weight.shape
+    h = torch.randn(64, d, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = task_mod.chunked_cross_entropy(h, torch.randint(0, vocab, (64,)), model, chunk_bytes=8 * 4 * vocab)
+    assert max(saved) < 64 * vocab                 # no (64, V) tensor kept for the backward
+    loss.backward()
+    assert h.grad.shape == h.shape
+
+
+def test_chunked_cross_entropy_over_every_position_is_the_models_own_lm_loss():
+    from tiny import tiny_gemma3
+
+    model = tiny_gemma3()
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids, labels=ids).loss
+    h = task_mod.hidden_states(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    got = task_mod.chunked_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), ids[:, 1:].reshape(-1), model,
+                                         chunk_bytes=5 * 4 * 128)
+    assert abs(got.item() - want.item()) <= 1e-5 * want.item()

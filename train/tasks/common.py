@@ -45,6 +45,33 @@ def softcap(logits: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
+LOGITS_CHUNK_BYTES = 64 * 2**20   # fp32 logits alive at a time in `chunked_cross_entropy`
+
+
+def chunked_cross_entropy(h: torch.Tensor, targets: torch.Tensor, model: nn.Module,
+                          chunk_bytes: int = LOGITS_CHUNK_BYTES) -> torch.Tensor:
+    """Mean cross-entropy of the LM head's logits at `h` (N, d) against `targets` (N,), one chunk of rows at a time.
+
+    The full (N, V) fp32 logits are never alive together: each chunk's logits are made, reduced to a summed loss
+    and dropped, and made again in the backward (a checkpoint per chunk), so the head's memory is one chunk's,
+    `chunk_bytes`, whatever N and the vocabulary (Gemma-3: V = 262,144, 1 MB per row). The same sum as
+    F.cross_entropy over all rows, in another order (float rounding)."""
+    from torch.utils.checkpoint import checkpoint
+
+    head = model.get_output_embeddings()
+    rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+
+    def summed(h_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
+        logits = softcap(head(h_part).float(), model)                    # (rows, V)
+        return F.cross_entropy(logits, t_part, reduction="sum")
+
+    if h.shape[0] <= rows:
+        return summed(h, targets) / max(1, h.shape[0])
+    total = sum(checkpoint(summed, h[i:i + rows], targets[i:i + rows], use_reentrant=False)
+                for i in range(0, h.shape[0], rows))
+    return total / h.shape[0]
+
+
 def to_device(batch: dict, model: nn.Module) -> dict:
     device = next(model.parameters()).device
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
