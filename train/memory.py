@@ -7,12 +7,12 @@ classes and hands freed pages back on a short timer, where glibc keeps them (bel
 libjemalloc2 into the virtual environment; without it (or with QLORA_ALLOCATOR=system, or QLORA_JEMALLOC=PATH
 naming another copy) everything runs on the C library's malloc, just bigger. A program that imports the
 library keeps its own allocator: only the commands re-execute. `allocator()` says which one is serving.
-One QLoRA step of SmolLM2-135M (benchmarks/bench_train_step.py --sides ours, B=8, T=128, bf16, gradient
-checkpointing, median of 6-10 steps, a 2-core Xeon without AMX):
+One QLoRA step of SmolLM2-135M (benchmarks/bench_train_step.py, sides ours and ours_glibc of one run, B=8,
+T=128, bf16, gradient checkpointing, median of 10 steps, a 2-core Xeon without AMX):
 
     allocator          step s    peak RSS GB   RSS added by the steps GB
-    glibc                9.58        1.277            0.640
-    jemalloc             9.12        0.889            0.245
+    glibc                7.57        1.186            0.548
+    jemalloc             7.37        0.852            0.207
 
 Why glibc grows, and `lean_cpu_allocator()`, its opt-in fix where jemalloc is missing: glibc serves requests
 above a threshold with their own mmap (returned to the OS by free) and smaller ones from its heaps (kept after
@@ -82,14 +82,30 @@ def allocator() -> str:
     return "jemalloc" if "libjemalloc" in maps else "system"
 
 
+def launched_as_command() -> bool:
+    """Whether this process's own command line started the running `__main__`: `python -m train ...` or
+    `python examples/x.py ...`, not a module run by runpy inside another program (a test runner), which a
+    re-execution would replace."""
+    main = sys.modules.get("__main__")
+    args = sys.orig_argv[1:]
+    if "-m" in args:
+        at = args.index("-m") + 1
+        name = args[at] if at < len(args) else ""
+        spec = getattr(main, "__spec__", None)
+        return spec is not None and spec.name in (name, f"{name}.__main__")
+    path = getattr(main, "__file__", None)
+    return path is not None and any(os.path.realpath(a) == os.path.realpath(path) for a in args if a[:1] != "-")
+
+
 def run_under_jemalloc() -> None:
     """Re-executes this program, once, with jemalloc preloaded; returns when it cannot or need not.
 
     For programs' entry points only (it replaces the process): not when jemalloc already serves, when
-    QLORA_ALLOCATOR=system, off Linux, or when none is found. jemalloc's own settings serve (a 1 s page decay
+    QLORA_ALLOCATOR=system, off Linux, when none is found, or when the command line did not start this
+    program (`launched_as_command`). jemalloc's own settings serve (a 1 s page decay
     instead of its 10 s gave a 1.5% lower peak and no faster step); a MALLOC_CONF the user sets is passed on."""
     if (sys.platform != "linux" or os.environ.get(ALLOCATOR_ENV, "jemalloc") == "system"
-            or os.environ.get(_REEXECUTED) or allocator() == "jemalloc"):
+            or os.environ.get(_REEXECUTED) or allocator() == "jemalloc" or not launched_as_command()):
         return
     if os.environ.get(ALLOCATOR_ENV, "jemalloc") != "jemalloc":
         raise ValueError(f"{ALLOCATOR_ENV}={os.environ[ALLOCATOR_ENV]!r}: expected 'jemalloc' or 'system'")

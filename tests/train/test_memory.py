@@ -118,3 +118,20 @@ def test_every_command_starts_under_jemalloc():
     for path in mains:
         guard = open(path).read().split('if __name__ == "__main__":')[1]
         assert guard.index("run_under_jemalloc()") < guard.index("main("), path
+
+
+def test_a_module_run_inside_another_program_does_not_reexecute(monkeypatch):
+    # runpy.run_module("train", run_name="__main__") inside pytest (tests/test_readme.py does) must not replace
+    # the test runner's process with a re-executed pytest
+    import types
+
+    fake = types.ModuleType("__main__")
+    fake.__spec__ = types.SimpleNamespace(name="train.__main__")
+    fake.__file__ = os.path.join(os.path.dirname(memory.__file__), "__main__.py")
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "pytest", "-q"])
+    assert not memory.launched_as_command()
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "train", "fit"])
+    assert memory.launched_as_command()
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "/somewhere/pytest", "tests"])
+    assert not memory.launched_as_command()
