@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import quant
-from quant import backends
+from quant import cpu_matmul
 
 from .metrics import exact_match, squad_metrics, token_f1
 from .tasks import GenerationTask
@@ -25,17 +25,17 @@ from .tasks import GenerationTask
 
 class _Dequantized(nn.Module):
     """A Linear4bit's forward with the dequantized weight cached: the same matmul on the same numbers (in the
-    dtype the layer multiplies in: `quant.backends.matmul_dtype`)."""
+    dtype the layer multiplies in: `quant.cpu_matmul.matmul_dtype`)."""
 
     def __init__(self, layer: quant.Linear4bit):
         super().__init__()
         self.dtype = layer.compute_dtype
         probe = torch.empty(0, dtype=self.dtype, device=layer.weight.device)
-        self.weight = layer.dequantize(backends.matmul_dtype(probe))                  # (out, in)
+        self.weight = layer.dequantize(cpu_matmul.matmul_dtype(probe))                  # (out, in)
         self.bias = None if layer.bias is None else layer.bias.to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return backends.dense_linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
+        return cpu_matmul.dense_linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from torch import nn
 
 import quant
 import quant.backends as qbackends
+import quant.cpu_matmul as cpu_matmul
 import quant.linear as qlinear
 from quant import Linear4bit, format_memory_report, memory_report
 from tiny import assert_close, tiny_llama
@@ -103,8 +104,8 @@ def test_backward_saves_only_the_packed_weight():
 @pytest.mark.parametrize("half_matmul", ["native", "fp32"])
 @pytest.mark.parametrize("backend", ["torch", "bnb"])
 def test_compute_dtype_is_used_and_output_keeps_input_dtype(monkeypatch, half_matmul, backend):
-    monkeypatch.setenv(qbackends.HALF_MATMUL_ENV, half_matmul)
-    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})
+    monkeypatch.setenv(cpu_matmul.HALF_MATMUL_ENV, half_matmul)
+    monkeypatch.setattr(cpu_matmul, "_HALF_MATMUL", {})
     linear = make_linear(32, 64)
     layer = Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16, backend=backend)
     x = torch.randn(5, 64, requires_grad=True)
@@ -121,35 +122,35 @@ def test_compute_dtype_is_used_and_output_keeps_input_dtype(monkeypatch, half_ma
         dx = (dy.bfloat16().float() @ w32).bfloat16()
     assert_close(y, expected.float(), 0.0, f"bf16 compute, {half_matmul} matmul")
     assert_close(x.grad, dx.float(), 0.0, f"bf16 input gradient, {half_matmul} matmul")
-    assert qbackends.half_matmul_choice(torch.bfloat16)["backend"] == half_matmul
+    assert cpu_matmul.half_matmul_choice(torch.bfloat16)["backend"] == half_matmul
 
 
 def test_half_matmul_choice_is_measured_once_per_machine_and_listed(monkeypatch, tmp_path):
-    monkeypatch.delenv(qbackends.HALF_MATMUL_ENV, raising=False)
+    monkeypatch.delenv(cpu_matmul.HALF_MATMUL_ENV, raising=False)
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path))
-    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})
-    first = qbackends.half_matmul_choice(torch.bfloat16)
+    monkeypatch.setattr(cpu_matmul, "_HALF_MATMUL", {})
+    first = cpu_matmul.half_matmul_choice(torch.bfloat16)
     assert first["how"] == "measured" and first["backend"] in ("native", "fp32")
     assert set(first["times_ms"]) == {"native", "fp32"}
-    assert qbackends.half_matmul_choice(torch.bfloat16) is first
+    assert cpu_matmul.half_matmul_choice(torch.bfloat16) is first
     assert first in quant.backend_choice()
-    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})                    # a new process on the same machine
-    again = qbackends.half_matmul_choice(torch.bfloat16)
+    monkeypatch.setattr(cpu_matmul, "_HALF_MATMUL", {})                    # a new process on the same machine
+    again = cpu_matmul.half_matmul_choice(torch.bfloat16)
     assert again["how"].startswith("measured before on this CPU") and again["backend"] == first["backend"]
     assert again["times_ms"] == first["times_ms"]
-    qbackends.half_matmul_cache().write_text("{not json")                   # a damaged cache is measured again
-    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})
-    assert qbackends.half_matmul_choice(torch.bfloat16)["how"] == "measured"
+    cpu_matmul.half_matmul_cache().write_text("{not json")                   # a damaged cache is measured again
+    monkeypatch.setattr(cpu_matmul, "_HALF_MATMUL", {})
+    assert cpu_matmul.half_matmul_choice(torch.bfloat16)["how"] == "measured"
     wanted = torch.float32 if first["backend"] == "fp32" else torch.bfloat16
-    assert qbackends.matmul_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == wanted
-    assert qbackends.matmul_dtype(torch.zeros(2, 2)) == torch.float32
+    assert cpu_matmul.matmul_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == wanted
+    assert cpu_matmul.matmul_dtype(torch.zeros(2, 2)) == torch.float32
 
 
 def test_half_matmul_setting_is_checked(monkeypatch):
-    monkeypatch.setenv(qbackends.HALF_MATMUL_ENV, "fast")
-    monkeypatch.setattr(qbackends, "_HALF_MATMUL", {})
+    monkeypatch.setenv(cpu_matmul.HALF_MATMUL_ENV, "fast")
+    monkeypatch.setattr(cpu_matmul, "_HALF_MATMUL", {})
     with pytest.raises(ValueError, match="QLORA_CPU_HALF_MATMUL='fast': expected 'native' or 'fp32'"):
-        qbackends.half_matmul_choice(torch.bfloat16)
+        cpu_matmul.half_matmul_choice(torch.bfloat16)
 
 
 def test_works_under_non_reentrant_checkpoint():
