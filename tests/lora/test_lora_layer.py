@@ -153,6 +153,24 @@ def test_cheap_dropout_gradient_is_the_mask():
     assert torch.equal(x.grad, (y != 0).float() * (65536 / (65536 - round(0.3 * 65536))))
 
 
+def test_cheap_dropout_masks_replay_under_checkpointing():
+    """The recompute must draw the forward's mask again (the bits are seeded from torch's RNG, which
+    checkpointing restores): the gradient through a checkpointed layer equals the plain one."""
+    from torch.utils.checkpoint import checkpoint
+    layer = LoRALinear(nn.Linear(64, 48), r=4, alpha=8, dropout=0.3).train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 64)
+    grads = []
+    for wrap in (lambda f, x: f(x), lambda f, x: checkpoint(f, x, use_reentrant=False)):
+        torch.manual_seed(3)
+        wrap(layer, x).square().sum().backward()
+        grads.append(layer.lora_A.weight.grad.clone())
+        layer.zero_grad()
+    assert torch.equal(grads[0], grads[1])
+    drop = CheapDropout(0.5)
+    assert not torch.equal(drop(torch.ones(4096)), drop(torch.ones(4096))), "each call draws a new mask"
+
+
 def test_weight_and_bias_delegate_to_base():
     base = nn.Linear(8, 4)
     layer = LoRALinear(base, r=2, alpha=4)
