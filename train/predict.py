@@ -45,9 +45,9 @@ def load_classifier(adapter_dir: str | Path, *, dtype: str = "auto", quantized: 
     torch_dtype = pick_dtype(dtype)
     if meta.get("kind") == ENCODER:
         return _load_encoder(adapter_dir, meta, torch_dtype, quantized)
-    model, tokenizer = load_model(meta["model"], dtype=torch_dtype)
-    if quantized:
-        quant.quantize(model, compute_dtype=torch_dtype, **(meta.get("quant") or {}))
+    # 4 bits straight from the checkpoint, one linear at a time: never the dense model in memory
+    quantize = (meta.get("quant") or True) if quantized else None
+    model, tokenizer = load_model(meta["model"], dtype=torch_dtype, quantize=quantize)
     lora.load(model, adapter_dir, adapter_name=adapter_name)
     return model.eval(), _task(meta, tokenizer), meta["label_names"]
 
