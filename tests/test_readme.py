@@ -4,7 +4,8 @@
                `python -m X ...` runs module X as `python -m` does (runpy, in this process: the imports are paid
                once; QLORA_README_SUBPROCESS=1 runs each as a real subprocess instead) and must exit 0;
                `python -m train fit` gets `--model <tiny Llama> --max-steps 2 --batch-size 4` appended (later
-               flags win); `make`, `pip install` and venv lines are not run, only checked against the Makefile,
+               flags win); `python examples/X.py --out DIR` is checked against the script's --help and a fast fit
+               of the tiny model writes DIR in its place; `make`, `pip install` and venv lines are not run, only checked against the Makefile,
                setup.cfg and the installed packages
     ```python  exec'd in a fresh namespace, its `model_name = "..."` line pointed at the tiny model
     ```toml    written to the file its first line names (`# run.toml`) and validated as a RunConfig
@@ -184,6 +185,9 @@ def _installed(pins: list[str]) -> None:
 def run_bash(block: Block, work: Path) -> None:
     for command in commands(block.code):
         words = shlex.split(command)
+        if words[0] == "python" and words[1].startswith("examples/"):
+            stand_in_for_example(words, work)
+            continue
         if words[:2] != ["python", "-m"]:
             check_setup_command(words)
             continue
@@ -201,6 +205,24 @@ def run_bash(block: Block, work: Path) -> None:
             lines = out.strip().splitlines()
             assert len(lines) == len(texts) * n_adapters, out
             assert all(line.split("\t")[n_adapters > 1] in LABELS for line in lines), out
+
+
+def stand_in_for_example(words: list[str], work: Path) -> None:
+    """`python examples/NAME.py ... --out DIR` is not run (minutes on a real model and dataset): the script's
+    --help must list every flag of the line, and a fast fit of the tiny model writes DIR in its place, so the
+    lines after it find an adapter there."""
+    script = ROOT / words[1]
+    assert script.is_file(), f"the README names {words[1]}, which does not exist"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    for flag in (w for w in words[2:] if w.startswith("--")):
+        assert flag in done.stdout, f"{words[1]} has no flag {flag}"
+    out = words[words.index("--out") + 1]
+    code, _, err = run_python_m(["python", "-m", "train", "fit", "--train", "my_train.csv", "--test", "my_test.csv",
+                                 "--text-column", "review", "--label-column", "sentiment", "--out", out,
+                                 "--model", str(work / "tiny"), *FAST_FIT], work)
+    assert code == 0, err[-3000:]
 
 
 # ----------------------------------------------------------------------------- python, toml, text
