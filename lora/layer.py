@@ -107,7 +107,7 @@ class CheapDropout(nn.Dropout):
             return super().forward(x)
         cut = round(self.p * 65536)                                   # drop where u < cut - 32768
         keep = random_int16(x.numel()).view(x.shape) >= cut - 32768  # (..., in) bool
-        return torch.where(keep, x, 0.0) * (65536 / (65536 - cut))
+        return torch.where(keep, x, 0.0).mul_(65536 / (65536 - cut))  # in place: one new tensor, not two
 
 
 def random_int16(n: int) -> Tensor:
