@@ -74,7 +74,28 @@ def update(slot: nn.Module, weight: Tensor, bias: Tensor | None, x: Tensor, out:
     else:
         wx = out.float() if bias is None else out.float() - bias.float()  # (..., out) W x = base(x) - b
     lora = slot.lora_B(slot.lora_A(x32))                                 # (..., in) -> (..., r) -> (..., out)
-    return (g - 1) * wx + (g * slot.scaling) * lora
+    return _Combine.apply(g, wx, lora, slot.scaling)
+
+
+class _Combine(torch.autograd.Function):
+    """Δy = (g - 1) ⊙ wx + (g·s) ⊙ lora, keeping one (..., out) fp32 tensor for the backward, the direction
+    wx + s·lora that g's gradient needs, where autograd would keep wx and lora both (DoRA's activation memory
+    without checkpointing: one fp32 (tokens, out) per layer instead of two). The gradients are autograd's:
+    dwx = dy ⊙ (g - 1), dlora = dy ⊙ g·s, dg = Σ_tokens dy ⊙ (wx + s·lora)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, wx: Tensor, lora: Tensor, scaling: float) -> Tensor:
+        ctx.scaling = scaling
+        ctx.save_for_backward(g, torch.add(wx, lora, alpha=scaling) if ctx.needs_input_grad[0] else None)
+        return (g - 1) * wx + (g * scaling) * lora
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        g, direction = ctx.saved_tensors
+        dg = (dy * direction).reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[0] else None
+        dwx = dy * (g - 1) if ctx.needs_input_grad[1] else None
+        dlora = dy * (g * ctx.scaling) if ctx.needs_input_grad[2] else None
+        return dg, dwx, dlora, None
 
 
 def fold(slot: nn.Module, weight: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -106,6 +106,25 @@ def test_norm_is_a_constant_in_backward():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_the_update_keeps_one_fp32_output_sized_tensor_for_backward(dtype):
+    """Without checkpointing DoRA's activation memory is what its backward keeps: one fp32 (tokens, out)
+    tensor (W x + s·B·A x, for dm) beside what LoRA keeps; autograd's own graph would keep W x and B·A x both."""
+    layer = make_layer(24, 40, dtype, r=4)
+    x = torch.randn(6, 24, dtype=dtype, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert saved.count(((6, 40), torch.float32)) == 1, saved
+    y.sum().backward()
+    assert layer.lora_magnitude_vector.grad is not None and layer.lora_A.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_output_unchanged_at_init_exactly(dtype):
     layer = make_layer(32, 48, dtype, r=4, dropout=0.1, random=False).train()
     x = torch.randn(3, 32).to(dtype)
