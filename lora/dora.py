@@ -64,13 +64,22 @@ def init_magnitude(slot: nn.Module, weight: Tensor) -> None:
         slot.lora_magnitude_vector.copy_(weight_norm(weight, slot.lora_A.weight, slot.lora_B.weight, slot.scaling))
 
 
-def update(slot: nn.Module, weight: Tensor, bias: Tensor | None, x: Tensor, out: Tensor, training: bool) -> Tensor:
-    """Δy = (g - 1) ⊙ W x + g ⊙ s·B·A x in fp32 (..., out); `out` = base(x) (= W x + b), `weight` = W."""
+def update(slot: nn.Module, weight: Tensor, bias: Tensor | None, x: Tensor, out: Tensor, training: bool,
+           base: nn.Module | None = None) -> Tensor:
+    """Δy = (g - 1) ⊙ W x + g ⊙ s·B·A x in fp32 (..., out); `out` = base(x) (= W x + b), `weight` = W.
+
+    With dropout, W·drop(x) goes through `base` when given: a 4-bit base keeps only its packed bytes for the
+    backward, where F.linear would keep the dense W it is handed (one per layer, all layers without
+    checkpointing: a dense copy of the model)."""
     g = magnitude_scale(slot, weight)                                    # (out,)
     x32 = x.to(slot.lora_A.weight.dtype)
     if training and not isinstance(slot.lora_dropout, nn.Identity):
         x32 = slot.lora_dropout(x32)                                     # one mask for both terms (PEFT)
-        wx = F.linear(x32.to(weight.dtype), weight).float()              # (..., out) W drop(x)
+        if base is None:
+            wx = F.linear(x32.to(weight.dtype), weight).float()          # (..., out) W drop(x)
+        else:
+            wx = base(x32.to(x.dtype)).float()                           # (..., out) W drop(x) + b
+            wx = wx if bias is None else wx - bias.float()
     else:
         wx = out.float() if bias is None else out.float() - bias.float()  # (..., out) W x = base(x) - b
     lora = slot.lora_B(slot.lora_A(x32))                                 # (..., in) -> (..., r) -> (..., out)

@@ -293,7 +293,8 @@ class LoRALinear(nn.Module):
     def _update(self, slot: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         """One adapter's Δy in fp32 (..., out); `out` = base_layer(x). DoRA: lora.dora.update."""
         if slot.use_dora:
-            return dora.update(slot, dense_weight(self.base_layer), self.bias, x, out, self.training)
+            return dora.update(slot, dense_weight(self.base_layer), self.bias, x, out, self.training,
+                               base=self.base_layer)
         h = slot.lora_A(slot.lora_dropout(x.to(slot.lora_A.weight.dtype)))  # (..., r), fp32
         return slot.lora_B(h).mul_(slot.scaling)                   # (..., out), fp32
 

@@ -198,6 +198,25 @@ def test_nf4_base_forward_and_grads_match_formula_on_dequantized_weight():
     _check_grads(layer, leaves, x, torch.float32)
 
 
+def test_nf4_base_with_dropout_keeps_no_dense_weight_for_backward():
+    """W·drop(x) goes through the 4-bit layer, which keeps its packed bytes: no dense (out, in) W is saved."""
+    net = lora.inject(nf4_net(), r=4, alpha=8, dropout=0.1, use_dora=True).train()
+    layer = net[0]
+    randomize(layer)
+    x = torch.randn(5, 40).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    assert not {(53, 40), (40, 53)} & set(saved), saved                  # W or its transpose
+    torch.manual_seed(0)
+    y = layer(x)
+    y.sum().backward()
+    torch.manual_seed(0)                                               # the same mask, through F.linear on W
+    w = layer.base_layer.dequantize()
+    expected = lora.dora.update(layer, w, layer.bias, x.detach(), layer.base_layer(x.detach()), True)
+    assert_close(y - layer.base_layer(x), expected, REL[torch.float32], "W·drop(x) via the base == via W")
+
+
 def test_nf4_base_init_unchanged_and_merge_and_unload_matches():
     net = nf4_net()
     x = torch.randn(3, 40)
