@@ -5,8 +5,8 @@
                once; QLORA_README_SUBPROCESS=1 runs each as a real subprocess instead) and must exit 0;
                `python -m train fit` gets `--model <tiny Llama> --max-steps 2 --batch-size 4` appended (later
                flags win); `python examples/X.py --out DIR` is checked against the script's --help and a fast fit
-               of the tiny model writes DIR in its place; `make`, `pip install` and venv lines are not run, only checked against the Makefile,
-               setup.cfg and the installed packages
+               of the tiny model writes DIR in its place; `make`, `pip install` and venv lines are not run,
+               only checked against the Makefile, setup.cfg and the installed packages
     ```python  exec'd in a fresh namespace, its `model_name = "..."` line pointed at the tiny model
     ```toml    written to the file its first line names (`# run.toml`) and validated as a RunConfig
     ```text    the layout: every file and folder it names exists
