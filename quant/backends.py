@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from quant import bnb_native, cpu_matmul
-from quant.cpu_matmul import dense_linear, matmul_dtype
+from quant.cpu_matmul import dense_grad_input, dense_linear, matmul_dtype
 from quant.nf4 import NF4State, dequantize_nf4
 
 BACKENDS = ("torch", "bnb", "triton")
@@ -69,8 +69,7 @@ def _torch_linear(x: Tensor, packed: Tensor, state: NF4State, bias: Tensor | Non
 
 
 def _torch_grad_input(dy: Tensor, packed: Tensor, state: NF4State) -> Tensor:
-    w = dequantize_nf4(packed, state, matmul_dtype(dy))
-    return (dy.to(w.dtype) @ w).to(dy.dtype)  # (N, out) @ (out, in) -> (N, in)
+    return dense_grad_input(dy, dequantize_nf4(packed, state, matmul_dtype(dy)))  # (N, out) @ (out, in) -> (N, in)
 
 
 def _bnb_quant_state(state: NF4State, dtype: torch.dtype):
@@ -114,8 +113,7 @@ def _bnb_linear(x: Tensor, packed: Tensor, state: NF4State, bias: Tensor | None)
 
 
 def _bnb_grad_input(dy: Tensor, packed: Tensor, state: NF4State) -> Tensor:
-    w = _bnb_dequantize(packed, state, matmul_dtype(dy))
-    return (dy.to(w.dtype) @ w).to(dy.dtype)
+    return dense_grad_input(dy, _bnb_dequantize(packed, state, matmul_dtype(dy)))
 
 
 TORCH = Kernels(_torch_linear, _torch_grad_input, dequantize_nf4)

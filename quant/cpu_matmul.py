@@ -31,9 +31,14 @@ def matmul_dtype(t: Tensor) -> torch.dtype:
     straight to fp32 (code x absmax, not rounded to bf16) and x upcast; the matmul accumulates in fp32 like
     oneDNN's bf16 one and the output is rounded to x's dtype once: more precise than the bf16 matmul, whose
     weight is rounded to bf16 first."""
-    if t.device.type != "cpu" or t.dtype not in HALF:
-        return t.dtype
-    return torch.float32 if half_matmul_choice(t.dtype)["backend"] == "fp32" else t.dtype
+    return matmul_dtype_for(t.dtype, t.device)
+
+
+def matmul_dtype_for(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """`matmul_dtype` for a tensor of `dtype` on `device`, without one at hand."""
+    if torch.device(device).type != "cpu" or dtype not in HALF:
+        return dtype
+    return torch.float32 if half_matmul_choice(dtype)["backend"] == "fp32" else dtype
 
 
 def half_matmul_choice(dtype: torch.dtype) -> dict:
@@ -119,6 +124,11 @@ def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     if w.dtype == x.dtype:
         return F.linear(x, w, bias)
     return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype)).to(x.dtype)
+
+
+def dense_grad_input(dy: Tensor, w: Tensor) -> Tensor:
+    """dy @ w (the input gradient of `dense_linear`) in w's dtype, returned in dy's."""
+    return dy @ w if w.dtype == dy.dtype else (dy.to(w.dtype) @ w).to(dy.dtype)
 
 
 def choices() -> list[dict]:

@@ -30,8 +30,7 @@ class _Dequantized(nn.Module):
     def __init__(self, layer: quant.Linear4bit):
         super().__init__()
         self.dtype = layer.compute_dtype
-        probe = torch.empty(0, dtype=self.dtype, device=layer.weight.device)
-        self.weight = layer.dequantize(cpu_matmul.matmul_dtype(probe))                  # (out, in)
+        self.weight = layer.dequantize(cpu_matmul.matmul_dtype_for(self.dtype, layer.weight.device))  # (out, in)
         self.bias = None if layer.bias is None else layer.bias.to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
