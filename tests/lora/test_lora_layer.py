@@ -153,6 +153,28 @@ def test_cheap_dropout_gradient_is_the_mask():
     assert torch.equal(x.grad, (y != 0).float() * (65536 / (65536 - round(0.3 * 65536))))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 33), (64, 576), (3, 5, 129)])
+def test_cheap_dropout_equals_where_then_scale(dtype, shape):
+    """Output and gradient equal, value for value, `torch.where(mask, x, 0) * scale` in x's dtype (one rounding),
+    with the mask drawn from the same bits."""
+    from lora.layer import random_int16
+    p = 0.1
+    cut = round(p * 65536)
+    scale = 65536 / (65536 - cut)
+    x = torch.randn(shape).to(dtype).requires_grad_()
+    dy = torch.randn(shape).to(dtype)
+    torch.manual_seed(5)
+    y = CheapDropout(p)(x)
+    y.backward(dy)
+    torch.manual_seed(5)
+    keep = torch.from_numpy(random_int16(x.numel()).copy()).view(shape) >= cut - 32768
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    assert torch.equal(y, torch.where(keep, x.detach(), 0.0) * scale)
+    assert torch.equal(x.grad, torch.where(keep, dy * scale, 0.0))
+    assert 0.05 < (~keep).float().mean() < 0.15
+
+
 def test_cheap_dropout_masks_replay_under_checkpointing():
     """The recompute must draw the forward's mask again (the bits are seeded from torch's RNG, which
     checkpointing restores): the gradient through a checkpointed layer equals the plain one."""
