@@ -39,6 +39,7 @@ import torch
 
 from .attention import use_fast_attention
 from .devices import resolve_device
+from .memory import keep_triton_unloaded
 
 CACHE_VERSION = 1
 CACHE_MARKER = "onebox_cache.json"
@@ -214,6 +215,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, cache_dir=None):
     """The tokenizer alone; for a GGUF model not yet cached it reads the GGUF (seconds) without converting."""
+    keep_triton_unloaded()
     from transformers import AutoTokenizer
 
     spec = REGISTRY.get(str(name_or_path))
@@ -252,8 +254,10 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
 
     Attention: models on SDPA are switched to `train.attention.NAME` (the same SDPA, with bf16 attention over at
     most 256 keys run in fp32 on the CPU: faster there, see train/attention.py). Dropout: the model's own
-    nn.Dropout layers become CheapDropout (`use_cheap_dropout`).
+    nn.Dropout layers become CheapDropout (`use_cheap_dropout`). On a machine without a GPU, Triton is never
+    loaded (`train.memory.keep_triton_unloaded`: ~70 MB of RSS).
     """
+    keep_triton_unloaded()
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     target = resolve_device(device if device is not None else "cpu")

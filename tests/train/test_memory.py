@@ -135,3 +135,38 @@ def test_a_module_run_inside_another_program_does_not_reexecute(monkeypatch):
     assert memory.launched_as_command()
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "/somewhere/pytest", "tests"])
     assert not memory.launched_as_command()
+
+
+# Loads a model folder the way every command does and reports what got imported.
+TRITON_PROBE = textwrap.dedent("""
+    import sys
+    import train
+    model, _ = train.load_model(sys.argv[1], quantize=True)
+    loaded = "triton" in sys.modules
+    import triton                                  # still importable afterwards (the kernels' interpreter)
+    from torch.utils._triton import has_triton_package
+    print(loaded, "torch._dynamo" in sys.modules, has_triton_package(), triton.__name__)
+""")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine Triton is loaded on purpose")
+def test_loading_a_model_on_a_cpu_leaves_triton_unloaded(tmp_path):
+    from tiny import tiny_llama
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_llama().save_pretrained(tmp_path)
+    vocab = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="<unk>").save_pretrained(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", TRITON_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "True", "False", "triton"], out.stdout
+
+
+def test_keep_triton_unloaded_stands_down_once_dynamo_is_imported(monkeypatch):
+    import torch._dynamo  # noqa: F401   (pytest's process may have it already)
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    memory.keep_triton_unloaded()
+    assert "triton" not in sys.modules        # no sentinel left behind: nothing was imported under it
