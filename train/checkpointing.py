@@ -16,7 +16,7 @@ takes keyword arguments as they are (HF decoder layers get `attention_mask=`, `p
 works with custom autograd Functions such as the 4-bit matmul, which save only the packed weight.
 
 Note: a KV cache cannot be checkpointed: the recompute would append the keys a second time. While
-checkpointing, `use_cache` is forced off and `past_key_values` to None (training does not need a cache).
+checkpointing, `use_cache` is forced off and the cache argument (`cache`, `past_key_values`) to None (training does not need a cache).
 
 We wrap each block's `forward` as an instance attribute, so `disable_gradient_checkpointing` restores the class
 method and nothing else in the model changes. Checkpointing is active only in training mode with grad enabled;
@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 _ORIGINAL = "_grad_ckpt_original_forward"   # attribute on a wrapped block: its forward before wrapping
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

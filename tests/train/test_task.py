@@ -436,3 +436,96 @@ def test_chunked_cross_entropy_over_every_position_is_the_models_own_lm_loss():
     got = task_mod.chunked_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), ids[:, 1:].reshape(-1), model,
                                          chunk_bytes=5 * 4 * 128)
     assert abs(got.item() - want.item()) <= 1e-5 * want.item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the shared prompt prefix: run once per batch, its keys and values repeated for every row
+
+def tiny_decoder(kind: str, seed: int = 0):
+    """A 2-layer decoder of each family the shared prefix is enabled for (SHARED_PREFIX_MODELS)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128)
+    config, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+                   "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+                   "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[kind]
+    extra = {"head_dim": 16} if kind in ("gemma3_text", "qwen3") else {}
+    model = cls(config(**common, **extra))
+    assert model.config.model_type == kind
+    return model
+
+
+def tokens_seen(model, fn):
+    """(result of fn(), how many token positions went through the embedding)."""
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    try:
+        return fn(), sum(seen)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("kind", task_mod.SHARED_PREFIX_MODELS)
+@pytest.mark.parametrize("pack_tokens, checkpointing", [(384, False), (20, True)])
+def test_shared_prefix_gives_the_full_forwards_logits_and_gradients(tok, kind, pack_tokens, checkpointing,
+                                                                      monkeypatch):
+    """Packed behind one prefix (in one sequence, or one per row with a tiny PACK_TOKENS, under gradient
+    checkpointing): the loss, every gradient and the eval logits equal the padded full forward's."""
+    from train.checkpointing import enable_gradient_checkpointing
+
+    monkeypatch.setattr(task_mod, "PACK_TOKENS", pack_tokens)
+    monkeypatch.setattr(task_mod, "MAX_PACKED_FRACTION", 2.0)       # one row a sequence saves nothing: pack anyway
+    task = ClassificationTask(tok, ["negative", "neutral", "positive"], instruction=INSTRUCTION, system="classify")
+    model = tiny_decoder(kind).train()
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    batch = task.collate(EXAMPLES)
+    P = len(task.prefix_ids)
+    lengths = (batch["last_index"] + 1).tolist()
+    assert task_mod.shared_prefix_length(model, batch, task.prefix_ids) == P >= task_mod.MIN_SHARED_PREFIX
+    results = {}
+    for share in (True, False):
+        task.share_prefix = share
+        (loss, _), n = tokens_seen(model, lambda: task.loss(model, batch))
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        results[share] = (loss, grads, n)
+    task.share_prefix = True
+    packed = P + sum(L - P for L in lengths) if pack_tokens == 384 else len(lengths) * max(lengths)
+    assert results[True][2] == packed and results[False][2] == batch["input_ids"].numel()
+    assert results[True][0].item() == pytest.approx(results[False][0].item(), abs=ATOL)
+    for g_shared, g_full in zip(results[True][1], results[False][1]):
+        if g_full is None:
+            assert g_shared is None or not g_shared.any()
+            continue
+        torch.testing.assert_close(g_shared, g_full, atol=ATOL, rtol=1e-4, msg=lambda _: _report(g_shared, g_full))
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(task.label_logits(model, batch),
+                                   full_vocab_label_logits(model, batch, task.label_ids), atol=ATOL, rtol=0)
+
+
+def test_shared_prefix_is_skipped_where_it_cannot_apply(task, monkeypatch):
+    import transformers
+
+    model = tiny_llama().train()
+    batch = task.collate(EXAMPLES)
+    P = len(task.prefix_ids)
+    assert task_mod.shared_prefix_length(model, batch, task.prefix_ids) == P
+    one_row = task.collate(EXAMPLES[:1])
+    assert task_mod.shared_prefix_length(model, one_row, task.prefix_ids) == 0          # nothing to share
+    other = dict(batch, input_ids=batch["input_ids"].clone())
+    other["input_ids"][1, 2] += 1
+    assert task_mod.shared_prefix_length(model, other, task.prefix_ids) == 0            # a row starts otherwise
+    packed = P + int((batch["last_index"] + 1 - P).sum())                                 # 39 of 3 x 28 tokens
+    monkeypatch.setattr(task_mod, "MAX_PACKED_FRACTION", 0.99 * packed / batch["input_ids"].numel())
+    assert task_mod.shared_prefix_length(model, batch, task.prefix_ids) == 0            # too little saved
+    monkeypatch.undo()
+    model.config._attn_implementation = "eager"                                         # wants an additive mask
+    assert task_mod.shared_prefix_length(model, batch, task.prefix_ids) == 0
+    gemma = tiny_decoder("gemma3_text")
+    gemma.config.sliding_window = int(batch["last_index"].max())                        # a row outgrows the window
+    assert task_mod.shared_prefix_length(gemma, batch, task.prefix_ids) == 0
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128))
+    assert task_mod.shared_prefix_length(gpt2, batch, task.prefix_ids) == 0             # not a listed family

@@ -29,7 +29,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .common import TEXT_SLOT, Batched, bos_ids, has_chat_template, hidden_states, softcap, to_device, token_ids
+from .common import (TEXT_SLOT, Batched, bos_ids, has_chat_template, hidden_states, last_states_packed,
+                     shared_prefix_length, softcap, to_device, token_ids)
 
 KEEP = ("head", "head+tail")
 
@@ -49,7 +50,7 @@ class ClassificationTask(Batched):
 
     def __init__(self, tokenizer, label_words: Sequence[str], *, instruction: str, system: str | None = None,
                  use_chat_template: bool | None = None, max_length: int = 256, few_shot: Sequence = (),
-                 keep: str = "head"):
+                 keep: str = "head", share_prefix: bool = True):
         if keep not in KEEP:
             raise ValueError(f"keep must be one of {KEEP} (which part of a long text to keep), got {keep!r}")
         if len(label_words) < 2:
@@ -67,6 +68,7 @@ class ClassificationTask(Batched):
             raise ValueError(f"the prompt scaffold alone is {max_length - self.budget} tokens, over max_length="
                              f"{max_length}: raise max_length or shorten the instruction/system/few_shot")
         self.n_truncated = 0
+        self.share_prefix = share_prefix   # rows packed behind one copy of the prompt's prefix (common.py)
 
     @property
     def num_classes(self) -> int:
@@ -126,11 +128,14 @@ class ClassificationTask(Batched):
     def label_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """(B, C) logits of the label tokens at the answer position, fp32, without the full-vocab head."""
         batch = to_device(batch, model)
-        h = hidden_states(model, batch)                                            # (B, T, d)
-        rows = torch.arange(h.shape[0], device=h.device)
-        h_last = h[rows, batch["last_index"]]                                      # (B, d)
+        P = shared_prefix_length(model, batch, self.prefix_ids) if self.share_prefix else 0
+        if P:
+            h_last = last_states_packed(model, batch, P)                           # (B, d)
+        else:
+            h = hidden_states(model, batch)                                        # (B, T, d)
+            h_last = h[torch.arange(h.shape[0], device=h.device), batch["last_index"].to(h.device)]
         head = model.get_output_embeddings()
-        label_ids = torch.tensor(self.label_ids, device=h.device)
+        label_ids = torch.tensor(self.label_ids, device=h_last.device)
         if type(head) is nn.Linear:  # a plain head (tied or not): gather C rows, never touch the other V - C
             w = head.weight[label_ids]                                             # (C, d)
             logits = h_last.float() @ w.float().T                                  # (B, C)

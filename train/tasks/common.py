@@ -36,6 +36,97 @@ def hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+# Decoders whose Hugging Face forward takes position_ids and a ready 4-D boolean mask (used as given, SDPA), checked
+# against the plain forward in tests/train/test_task.py (test_shared_prefix_*).
+SHARED_PREFIX_MODELS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+MIN_SHARED_PREFIX = 8        # tokens: below it packing saves little
+PACK_TOKENS = 768            # tokens per packed sequence (more rows than fit start another, in the batch dim)
+MAX_PACKED_FRACTION = 0.9    # pack only when that runs at most this fraction of the padded batch's tokens
+
+
+def shared_prefix_length(model: nn.Module, batch: dict, prefix: Sequence[int]) -> int:
+    """len(prefix) when `last_states_packed` may run `batch`, else 0: at least 2 rows, every row starts with
+    `prefix` and goes on past it, the model is one of SHARED_PREFIX_MODELS on SDPA attention (which takes the
+    boolean mask as it is), no row is longer than a sliding attention window (the mask replaces the window), and
+    the packed sequences hold at most MAX_PACKED_FRACTION of the padded batch's tokens (rows of hundreds of
+    tokens, an IMDB review, fill a sequence each: packing would only add the mask)."""
+    from train.attention import NAME as FAST_SDPA
+
+    ids, P = batch["input_ids"], len(prefix)
+    config = getattr(model, "config", None)
+    if P < MIN_SHARED_PREFIX or ids.shape[0] < 2 or "last_index" not in batch:
+        return 0
+    if getattr(config, "model_type", None) not in SHARED_PREFIX_MODELS:
+        return 0
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", FAST_SDPA):
+        return 0
+    last = batch["last_index"]
+    window = getattr(config, "sliding_window", None)
+    if int(last.min()) < P or (window and int(last.max()) + 1 > window):
+        return 0
+    packs, n = _packs(last.tolist(), P)
+    if len(packs) * n > MAX_PACKED_FRACTION * ids.numel():      # long rows, one a sequence: nothing saved
+        return 0
+    head = torch.as_tensor(prefix, device=ids.device)
+    return P if bool((ids[:, :P] == head).all()) and bool(batch["attention_mask"][:, :P].all()) else 0
+
+
+def _packs(last: list[int], P: int) -> tuple[list[list[int]], int]:
+    """Rows (by last_index) in order into sequences of at most PACK_TOKENS tokens (a longer row gets one of its
+    own), each the prefix + its rows' remaining tokens; returns (rows per sequence, the longest's length)."""
+    packs, current, size = [], [], P
+    for b, end in enumerate(last):
+        rest = end + 1 - P
+        if current and size + rest > PACK_TOKENS:
+            packs.append(current)
+            current, size = [], P
+        current.append(b)
+        size += rest
+    packs.append(current)
+    return packs, max(P + sum(last[b] + 1 - P for b in pack) for pack in packs)
+
+
+def last_states_packed(model: nn.Module, batch: dict, n_prefix: int) -> torch.Tensor:
+    """The backbone's hidden state (B, d) at each row's `last_index`, for a batch whose rows share their first P
+    tokens (the prompt's system line and instruction), with every token run once: the rows are packed, without
+    padding, behind ONE copy of the prefix,
+
+        tokens     [prefix | rest of row 0 | rest of row 1 | ...]       positions [0..P-1 | P..L0-1 | P..L1-1 | ...]
+        attention  causal, and a row's tokens see the prefix and their own row only (a 4-D boolean mask)
+
+    so each row's states are those of its own full forward (the same keys, positions and math, float rounding
+    aside), and gradients through the one prefix sum over the rows, as through B copies. Rows fill sequences of
+    up to PACK_TOKENS tokens (the masked attention costs the square of the packed length), stacked in the batch
+    dimension. On an SST-2 prompt the prefix is 26 of 44 tokens: a training step of SmolLM2-135M at batch 16
+    takes 0.56-0.58 s instead of 1.00, and scoring 320 dev sentences at batch 64 5.2 s instead of 13.5 (4-bit,
+    bf16, r = 16, a 2-core Xeon with AMX; 384 tokens a sequence: 6.1 s, 256: 6.7). Works under gradient
+    checkpointing."""
+    ids, last, P = batch["input_ids"], batch["last_index"].tolist(), n_prefix
+    packs, n = _packs(last, P)
+    tokens = ids.new_zeros((len(packs), n))
+    positions = ids.new_zeros((len(packs), n))
+    segment = ids.new_full((len(packs), n), -2)                   # -2: padding, -1: the prefix, b: row b
+    where = []                                                    # (pack, index) of each row's last token
+    for g, pack in enumerate(packs):
+        tokens[g, :P], positions[g, :P], segment[g, :P] = ids[pack[0], :P], torch.arange(P), -1
+        at = P
+        for b in pack:
+            rest = last[b] + 1 - P
+            tokens[g, at:at + rest] = ids[b, P:last[b] + 1]
+            positions[g, at:at + rest] = torch.arange(P, last[b] + 1)
+            segment[g, at:at + rest] = b
+            at += rest
+            where.append((g, at - 1))
+    i = torch.arange(n, device=ids.device)
+    causal = i[None, :] <= i[:, None]                                                # (n, n) key <= query
+    same = (segment[:, None, :] == segment[:, :, None]) | (segment[:, None, :] == -1)   # (G, n, n)
+    mask = (causal & same) | torch.eye(n, dtype=torch.bool, device=ids.device)       # padding sees itself only
+    out = backbone(model)(input_ids=tokens, attention_mask=mask[:, None], position_ids=positions, use_cache=False)
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]      # (G, n, d)
+    g_idx, t_idx = (torch.tensor(v, device=h.device) for v in zip(*where))
+    return h[g_idx, t_idx]                                                           # (B, d), in row order
+
+
 def softcap(logits: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """Gemma-2 style final_logit_softcapping (cap * tanh(x / cap)) when the config has one."""
     config = model.config
