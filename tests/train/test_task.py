@@ -492,7 +492,8 @@ def test_shared_prefix_gives_the_full_forwards_logits_and_gradients(tok, kind, p
         grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
         results[share] = (loss, grads, n)
     task.share_prefix = True
-    packed = P + sum(L - P for L in lengths) if pack_tokens == 384 else len(lengths) * max(lengths)
+    up = lambda n: -(-n // task_mod.PACK_MULTIPLE) * task_mod.PACK_MULTIPLE        # noqa: E731
+    packed = up(P + sum(L - P for L in lengths)) if pack_tokens == 384 else len(lengths) * up(max(lengths))
     assert results[True][2] == packed and results[False][2] == batch["input_ids"].numel()
     assert results[True][0].item() == pytest.approx(results[False][0].item(), abs=ATOL)
     for g_shared, g_full in zip(results[True][1], results[False][1]):
@@ -518,7 +519,7 @@ def test_shared_prefix_is_skipped_where_it_cannot_apply(task, monkeypatch):
     other = dict(batch, input_ids=batch["input_ids"].clone())
     other["input_ids"][1, 2] += 1
     assert task_mod.shared_prefix_length(model, other, task.prefix_ids) == 0            # a row starts otherwise
-    packed = P + int((batch["last_index"] + 1 - P).sum())                                 # 39 of 3 x 28 tokens
+    packed = P + int((batch["last_index"] + 1 - P).sum())                    # 39 (48 padded) of 3 x 28 tokens
     monkeypatch.setattr(task_mod, "MAX_PACKED_FRACTION", 0.99 * packed / batch["input_ids"].numel())
     assert task_mod.shared_prefix_length(model, batch, task.prefix_ids) == 0            # too little saved
     monkeypatch.undo()
