@@ -16,7 +16,8 @@ takes keyword arguments as they are (HF decoder layers get `attention_mask=`, `p
 works with custom autograd Functions such as the 4-bit matmul, which save only the packed weight.
 
 Note: a KV cache cannot be checkpointed: the recompute would append the keys a second time. While
-checkpointing, `use_cache` is forced off and the cache argument (`cache`, `past_key_values`) to None (training does not need a cache).
+checkpointing, `use_cache` is forced off and the cache argument (`cache`, `past_key_values`) to None (training
+does not need a cache).
 
 We wrap each block's `forward` as an instance attribute, so `disable_gradient_checkpointing` restores the class
 method and nothing else in the model changes. Checkpointing is active only in training mode with grad enabled;

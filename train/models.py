@@ -294,12 +294,12 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
 
 
 def use_cheap_dropout(model: torch.nn.Module) -> int:
-    """Swap every plain nn.Dropout with p > 0 for lora.layer.CheapDropout (same p to 2^-16, same expectation,
+    """Swap every plain nn.Dropout with p > 0 for lora.dropout.CheapDropout (same p to 2^-16, same expectation,
     its CPU mask ~10x cheaper than torch's Bernoulli draw; other devices unchanged). Returns how many.
 
     all-MiniLM-L6's dropouts (p=0.1) were an eighth of an encoder training step's CPU time. Modules that only
     hold a p for an attention kernel (BERT's attention dropout, handed to SDPA) keep working: p is the same."""
-    from lora.layer import CheapDropout
+    from lora.dropout import CheapDropout
 
     new: dict[int, CheapDropout] = {}                      # one replacement per module, however many names it has
     for name, m in list(model.named_modules(remove_duplicate=False)):

@@ -158,7 +158,7 @@ def test_cheap_dropout_gradient_is_the_mask():
 def test_cheap_dropout_equals_where_then_scale(dtype, shape):
     """Output and gradient equal, value for value, `torch.where(mask, x, 0) * scale` in x's dtype (one rounding),
     with the mask drawn from the same bits."""
-    from lora.layer import random_int16
+    from lora.dropout import random_int16
     p = 0.1
     cut = round(p * 65536)
     scale = 65536 / (65536 - cut)

@@ -439,7 +439,7 @@ def test_chunked_cross_entropy_over_every_position_is_the_models_own_lm_loss():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the shared prompt prefix: run once per batch, its keys and values repeated for every row
+# the shared prompt prefix: the rows packed behind one copy of it
 
 def tiny_decoder(kind: str, seed: int = 0):
     """A 2-layer decoder of each family the shared prefix is enabled for (SHARED_PREFIX_MODELS)."""
