@@ -27,9 +27,13 @@ Design choices
   the gradients reach the fp32 weights through the casts. The update is rounded to bf16 before the add
   (the sum is rounded either way), and the weight gradients come out of bf16 matmuls (accumulated in
   fp32 inside, rounded once). On the CPU it saves the fp32 copies of every (tokens, out_features)
-  activation: a QLoRA step of SmolLM2-135M at bf16 runs ~15% faster (docs/design.md).
+  activation: a QLoRA step of SmolLM2-135M at bf16 runs ~15% faster (docs/design.md). There the B matmul
+  accumulates onto the base output (`torch.addmm`, one GEMM: no (tokens, out) temporary, and the backward
+  scales only the thin gradients), and dropout's survivor scale 1/(1-p) joins `scaling` in that GEMM: the
+  mask alone touches x, one multiply instead of two, forward and backward.
 - Dropout on the CPU draws its keep-mask from 16 random bits per element (`CheapDropout`, lora/dropout.py): torch's
-  Bernoulli sampler costs ~40 ns per element there, a fifth of a whole QLoRA training step.
+  Bernoulli sampler costs ~40 ns per element there, a fifth of a whole QLoRA training step. Under the library's
+  gradient checkpointing the recompute unpacks the forward's masks instead of drawing them again.
 - Merging folds ΔW into a dense base weight in place (`merge`/`unmerge`, idempotent, guarded by
   `merged`). A 4-bit base cannot hold W + ΔW exactly, so `merge` refuses it; `lora.merge_and_unload`
   dequantizes instead and reports what re-quantizing would lose.
@@ -257,8 +261,9 @@ class LoRALinear(nn.Module):
     def _add_lora(self, slot: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         if self.compute_dtype == "base" and out.dtype != slot.lora_A.weight.dtype:
             dtype = out.dtype                                      # autocast-style: fp32 weights, bf16 math
-            h = F.linear(slot.lora_dropout(x.to(dtype)), slot.lora_A.weight.to(dtype))       # (..., r)
-            return torch.add(out, F.linear(h, slot.lora_B.weight.to(dtype)), alpha=slot.scaling)
+            x_kept, keep_scale = _dropped(slot.lora_dropout, x.to(dtype))                  # scale folded below
+            h = F.linear(x_kept, slot.lora_A.weight.to(dtype))                             # (..., r)
+            return _add_product(out, h, slot.lora_B.weight.to(dtype), slot.scaling * keep_scale)
         h = slot.lora_A(slot.lora_dropout(x.to(slot.lora_A.weight.dtype)))  # (..., r), fp32
         delta = slot.lora_B(h)                                     # (..., out), fp32
         if out.dtype == delta.dtype:
@@ -340,6 +345,20 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, {own}"
                 f"compute_dtype={self.compute_dtype}, active={self.active_adapters}, merged={self.merged}, "
                 f"disabled={self.disabled}")
+
+
+def _dropped(dropout: nn.Module, x: Tensor) -> tuple[Tensor, float]:
+    """(x after dropout's mask, the factor its survivors still owe): CheapDropout leaves the scale to the caller."""
+    return dropout.masked(x) if isinstance(dropout, CheapDropout) else (dropout(x), 1.0)
+
+
+def _add_product(out: Tensor, h: Tensor, w: Tensor, alpha: float) -> Tensor:
+    """out + alpha * h @ w^T as one GEMM that accumulates onto out (torch.addmm): no (..., out) temporary, and
+    the backward scales only the (..., r) and (out, r) gradients, not a (..., out) one."""
+    if out.dim() < 2 or not out.is_contiguous():
+        return torch.add(out, F.linear(h, w), alpha=alpha)
+    flat = torch.addmm(out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), w.t(), alpha=alpha)
+    return flat.view(out.shape)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -40,6 +40,7 @@ import torch
 from .attention import use_fast_attention
 from .devices import resolve_device
 from .memory import keep_triton_unloaded
+from .rmsnorm import use_fast_rmsnorm
 
 CACHE_VERSION = 1
 CACHE_MARKER = "onebox_cache.json"
@@ -287,6 +288,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     use_fast_attention(model)   # SDPA, with short bf16 sequences on the CPU run in fp32 (train/attention.py)
+    use_fast_rmsnorm(model)     # the same RMSNorm forward, a closed-form backward (train/rmsnorm.py)
     use_cheap_dropout(model)    # the model's own dropouts (BERT's 0.1) draw 16-bit masks on the CPU
     if target.type != "cpu":
         model.to(target)

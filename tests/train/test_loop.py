@@ -270,6 +270,40 @@ def test_gradient_checkpointing_with_nf4_backbone():
     assert diff <= 1e-7 and all(g.abs().sum() > 0 for g in ckpt.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_checkpointing_replays_dropout_masks(monkeypatch, dtype):
+    """With LoRA dropout, the recompute takes the forward's masks from lora.dropout's replay store instead of
+    drawing the bits again: gradients equal the un-checkpointed ones to the bit (same seeds), the bits are drawn
+    once per mask, and nothing is left in the store after backward; a store over its limit drops the oldest
+    masks and the recompute draws those again, with the same result."""
+    import lora.dropout as dropout_mod
+
+    drawn = []
+    real_bits = dropout_mod._bits
+    monkeypatch.setattr(dropout_mod, "_bits", lambda seed, n: drawn.append(n) or real_bits(seed, n))
+    model = tiny_model(dropout=0.2).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    model.train()
+    batch = collate(toy_data(4))
+    torch.manual_seed(7)
+    plain = _grads(model, batch)
+    n_masks = len(drawn)
+    assert n_masks == 2 * 7                                  # 2 layers x 7 adapters
+    enable_gradient_checkpointing(model)
+    for limit, extra_draws in ((dropout_mod._Replay.LIMIT, 0), (1, n_masks)):
+        monkeypatch.setattr(dropout_mod._Replay, "LIMIT", limit)
+        drawn.clear()
+        torch.manual_seed(7)
+        ckpt = _grads(model, batch)
+        assert max_abs_diff(plain, ckpt) == 0
+        assert len(drawn) == n_masks + extra_draws
+        assert dropout_mod._REPLAY.nbytes == sum(m.nbytes for m in dropout_mod._REPLAY.masks.values()) <= limit
+        assert not dropout_mod._REPLAY.masks                 # every kept mask was taken by its recompute
+
+
 def test_find_blocks_llama_and_bert():
     from transformers import BertConfig, BertModel
     llama = tiny_model()
