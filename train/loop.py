@@ -60,6 +60,7 @@ from .batches import MicroBatches, epoch_batches, example_lengths
 from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing, is_gradient_checkpointing
 from .distributed import say
 from .logging import RunLog
+from .memory import release_free_memory
 from .resume import (latest_checkpoint, load_checkpoint, resume_point, rng_state, save_checkpoint, seed_everything,
                      set_rng_state)
 from .trainconfig import RUN_SETTINGS, FitResult, TrainConfig
@@ -296,6 +297,7 @@ def _log_row(plan: _Plan, state: _State, bar, lr: float, grad_norm: float, stats
     state.log.log("train", row)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
     state.window_time, state.window_tokens, state.window_losses = 0.0, 0.0, []
+    release_free_memory()       # the window's high-water activations (train/memory.py)
 
 
 def _save(model, optimizer, plan: _Plan, state: _State) -> Path:

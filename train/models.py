@@ -39,7 +39,7 @@ import torch
 
 from .attention import use_fast_attention
 from .devices import resolve_device
-from .memory import keep_triton_unloaded
+from .memory import keep_triton_unloaded, release_free_memory
 from .rmsnorm import use_fast_rmsnorm
 
 CACHE_VERSION = 1
@@ -292,6 +292,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
     use_cheap_dropout(model)    # the model's own dropouts (BERT's 0.1) draw 16-bit masks on the CPU
     if target.type != "cpu":
         model.to(target)
+    release_free_memory()       # the fp32 checkpoint's tensors and the quantizer's temporaries
     return model.eval(), tokenizer
 
 

@@ -37,6 +37,7 @@ from lora.atomic import atomic_write
 
 from .distributed import say
 from .loop import fit
+from .memory import release_free_memory
 from .metrics import squad_metrics
 from .models import load_model
 from .pipeline import Recipe, Task, run
@@ -132,6 +133,7 @@ def score(task: GenerationTask, model, rows: Sequence[dict], recipe: QARecipe) -
     with dequantized(model):
         scored = task.generate_scored(model, rows, max_new_tokens=recipe.max_new_tokens,
                                       batch_size=recipe.eval_batch_size)
+    release_free_memory()
     return scored, round(time.perf_counter() - t0, 1)
 
 

@@ -29,6 +29,7 @@ from lora.atomic import atomic_write
 from .devices import pick_dtype  # noqa: F401  (the recipes' dtype choice; kept importable from here)
 from .distributed import is_main, say
 from .loop import FitResult, fit
+from .memory import release_free_memory
 from .metrics import classification_metrics
 from .models import load_model
 from .pipeline import Recipe, Task, export_merged, peak_rss_mb, run, train_summary  # noqa: F401
@@ -64,6 +65,7 @@ def evaluate(task, model, rows, label_names, batch_size: int,
                                progress=is_main())                                   # (N, C)
     metrics = classification_metrics([r["label"] for r in rows], probs, label_names)
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    release_free_memory()
     if group_key is not None:
         metrics["per_group"] = group_metrics(rows, probs, label_names, group_key)
     return metrics, probs

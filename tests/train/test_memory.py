@@ -64,7 +64,8 @@ REEXEC = textwrap.dedent("""
 
 def run_probe(tmp_path, env_extra, *args):
     script = tmp_path / "probe.py"
-    script.write_text(REEXEC)
+    if not script.exists():
+        script.write_text(REEXEC)
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory._REEXECUTED, memory.ALLOCATOR_ENV)}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root
@@ -92,6 +93,56 @@ def test_jemalloc_frees_and_the_lean_setting_then_stands_down(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=root,
                           env={**os.environ, "PYTHONPATH": root})
     assert done.stdout.strip() == "False", done.stderr      # glibc's malloc is not the one serving
+
+
+# Allocates, touches and frees a 64 MiB tensor five times after a first one, then releases the free memory:
+# prints the allocator, the page faults per allocation, whether the release worked and the RSS it gave back (MiB).
+REUSE = textwrap.dedent("""
+    import resource, torch
+    from train.memory import allocator, release_free_memory, run_under_jemalloc
+    run_under_jemalloc()
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 << 20)
+    del x
+    f0 = faults()
+    for _ in range(5):
+        x = torch.ones(16 << 20)
+        del x
+    per_alloc = (faults() - f0) / 5
+    before = rss_mib()
+    released = release_free_memory()
+    print(allocator(), per_alloc, released, before - rss_mib())
+""")
+
+
+@needs_jemalloc
+@pytest.mark.parametrize("user_conf", [None, "dirty_decay_ms:0"])
+def test_jemalloc_reuses_freed_pages_until_released(tmp_path, user_conf):
+    """Under JEMALLOC_CONF a freed 64 MiB tensor's pages serve the next one without faulting in again (16,384
+    faults of 4 KiB pages if they were handed back), and release_free_memory() gives them back; a MALLOC_CONF
+    the user sets wins (here: purge at once, every allocation faults)."""
+    (tmp_path / "probe.py").write_text(REUSE)
+    done = run_probe(tmp_path, {"MALLOC_CONF": user_conf} if user_conf else {"MALLOC_CONF": ""})
+    assert done.returncode == 0, done.stderr
+    name, per_alloc, released, given_back = done.stdout.split()
+    assert name == "jemalloc" and released == "True"
+    if user_conf is None:
+        assert float(per_alloc) < 2000, f"{per_alloc} page faults per reused 64 MiB allocation"
+        assert float(given_back) >= 60.0, f"release_free_memory gave back {given_back} MiB of 64"
+    else:
+        assert float(per_alloc) > 16000, f"the user's MALLOC_CONF was not applied ({per_alloc} faults)"
+
+
+def test_release_free_memory_under_the_system_allocator(tmp_path):
+    (tmp_path / "probe.py").write_text(REUSE)
+    done = run_probe(tmp_path, {memory.ALLOCATOR_ENV: "system"})
+    assert done.returncode == 0, done.stderr
+    name, _, released, _ = done.stdout.split()
+    assert name == "system" and released == str(memory._glibc() is not None)
 
 
 def test_system_allocator_when_asked_or_missing(tmp_path):
