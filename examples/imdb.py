@@ -9,7 +9,7 @@ up to 512 at test time costs ~1 min per evaluation pass and, for one and the sam
 2,500-review sample of train.data; by default a balanced 1,000 of it, because on a 2-core CPU every evaluation
 of 2,500 reviews costs ~6-13 min (use --test-size 2500 for the whole sample).
 
-    python examples/imdb.py                          # ~30 min on a 2-core CPU (see README: examples)
+    python examples/imdb.py                          # ~16 min on a 2-core CPU (see README: examples)
     python examples/imdb.py --eval-max-length 256    # test prompts cut like the training ones (~2 min less)
     python examples/imdb.py --eval-adapter runs/imdb/adapter --out runs/imdb-lengths   # one adapter scored at
                                                      #   256 / 384 / 512 test tokens (--eval-lengths), ~8 min

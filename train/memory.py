@@ -3,10 +3,15 @@
 On the CPU, torch allocates tensors with the C library's malloc. `run_under_jemalloc()` (called first by
 `python -m train` and every example) re-executes the program once with jemalloc preloaded, which PyTorch's CPU
 performance guide recommends: it serves a training step's thousands of activation-sized allocations from size
-classes and hands freed pages back on a short timer, where glibc keeps them (below). `make` unpacks Debian's
-libjemalloc2 into the virtual environment; without it (or with QLORA_ALLOCATOR=system, or QLORA_JEMALLOC=PATH
-naming another copy) everything runs on the C library's malloc, just bigger. A program that imports the
-library keeps its own allocator: only the commands re-execute. `allocator()` says which one is serving.
+classes, where glibc fragments its heaps (below). Its page decay is off (`JEMALLOC_CONF`): with any decay time
+Debian's jemalloc 5.3 returns a freed allocation above ~16 MB to the OS at once, and the next one faults all its
+pages in again (a 64 MB tensor: 16,385 faults, 13.5 ms; with the decay off 819 faults, 2.0 ms), which doubled
+the time of IMDB's evaluation passes and took 1.7x the time per training step. The library hands the freed pages
+back itself, `release_free_memory()`, where a phase's high water becomes garbage (docs/design.md, "Memory on
+the CPU"). `make` unpacks Debian's libjemalloc2 into the virtual environment; without it (or with
+QLORA_ALLOCATOR=system, or QLORA_JEMALLOC=PATH naming another copy) everything runs on the C library's malloc,
+just bigger. A program that imports the library keeps its own allocator: only the commands re-execute.
+`allocator()` says which one is serving.
 One QLoRA step of SmolLM2-135M (benchmarks/bench_train_step.py, sides ours and ours_glibc of one run, B=8,
 T=128, bf16, gradient checkpointing, median of 10 steps, a 2-core Xeon without AMX):
 

@@ -377,6 +377,7 @@ def _load_quantized(folder: Path, dtype: torch.dtype, options: dict):
             return where[name].read(name).to(dtype)
 
         quant.quantize(model, compute_dtype=dtype, weights=read, **options)
+        release_free_memory()       # the dense weights just quantized, before the embedding's read
         for name, param in list(model.named_parameters()):   # embeddings, norms, an untied head
             if param.is_meta and name in where:
                 parent, _, leaf = name.rpartition(".")
