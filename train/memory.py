@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from pathlib import Path
@@ -192,8 +193,9 @@ def keep_triton_unloaded() -> None:
             del sys.modules["triton"]
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
-    """glibc's handle, or None on another C library."""
+    """glibc's handle, or None on another C library (looked up once: find_library runs ldconfig)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None

@@ -62,10 +62,9 @@ REEXEC = textwrap.dedent("""
 """)
 
 
-def run_probe(tmp_path, env_extra, *args):
+def run_probe(tmp_path, env_extra, *args, source=REEXEC):
     script = tmp_path / "probe.py"
-    if not script.exists():
-        script.write_text(REEXEC)
+    script.write_text(source)
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory._REEXECUTED, memory.ALLOCATOR_ENV)}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root
@@ -125,8 +124,7 @@ def test_jemalloc_reuses_freed_pages_until_released(tmp_path, user_conf):
     """Under JEMALLOC_CONF a freed 64 MiB tensor's pages serve the next one without faulting in again (16,384
     faults of 4 KiB pages if they were handed back), and release_free_memory() gives them back; a MALLOC_CONF
     the user sets wins (here: purge at once, every allocation faults)."""
-    (tmp_path / "probe.py").write_text(REUSE)
-    done = run_probe(tmp_path, {"MALLOC_CONF": user_conf} if user_conf else {"MALLOC_CONF": ""})
+    done = run_probe(tmp_path, {"MALLOC_CONF": user_conf or ""}, source=REUSE)
     assert done.returncode == 0, done.stderr
     name, per_alloc, released, given_back = done.stdout.split()
     assert name == "jemalloc" and released == "True"
@@ -138,8 +136,7 @@ def test_jemalloc_reuses_freed_pages_until_released(tmp_path, user_conf):
 
 
 def test_release_free_memory_under_the_system_allocator(tmp_path):
-    (tmp_path / "probe.py").write_text(REUSE)
-    done = run_probe(tmp_path, {memory.ALLOCATOR_ENV: "system"})
+    done = run_probe(tmp_path, {memory.ALLOCATOR_ENV: "system"}, source=REUSE)
     assert done.returncode == 0, done.stderr
     name, _, released, _ = done.stdout.split()
     assert name == "system" and released == str(memory._glibc() is not None)
