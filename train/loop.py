@@ -60,7 +60,7 @@ from .batches import MicroBatches, epoch_batches, example_lengths
 from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing, is_gradient_checkpointing
 from .distributed import say
 from .logging import RunLog
-from .memory import release_free_memory
+from .memory import FreePageWatch
 from .resume import (latest_checkpoint, load_checkpoint, resume_point, rng_state, save_checkpoint, seed_everything,
                      set_rng_state)
 from .trainconfig import RUN_SETTINGS, FitResult, TrainConfig
@@ -158,6 +158,7 @@ class _State:
     window_time: float = 0.0                # the same since the last log row, and its losses
     window_tokens: float = 0.0
     window_losses: list[float] = field(default_factory=list)
+    pages: FreePageWatch = field(default_factory=FreePageWatch)   # hands freed pages back (train/memory.py)
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.perf_counter() - self.t_start
@@ -279,6 +280,7 @@ def _after_step(model, optimizer, plan: _Plan, state: _State, eval_fn, bar, lr: 
                 stats: dict) -> None:
     """A log row every log_every steps (and at the last), eval every eval_every, a checkpoint every save_every."""
     config, step = plan.config, state.step
+    state.pages.check()         # a release if RSS climbed since the last one (shapes that did not reuse pages)
     if step % config.log_every == 0 or step == plan.total_steps:
         _log_row(plan, state, bar, lr, grad_norm, stats)
     if eval_fn is not None and config.eval_every and step % config.eval_every == 0 and step < plan.total_steps:
@@ -297,7 +299,7 @@ def _log_row(plan: _Plan, state: _State, bar, lr: float, grad_norm: float, stats
     state.log.log("train", row)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
     state.window_time, state.window_tokens, state.window_losses = 0.0, 0.0, []
-    release_free_memory()       # the window's high-water activations (train/memory.py)
+    state.pages.release()       # the window's high-water activations (train/memory.py)
 
 
 def _save(model, optimizer, plan: _Plan, state: _State) -> Path:

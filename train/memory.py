@@ -152,6 +152,41 @@ def release_free_memory() -> bool:
     return True
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set size now (/proc/self/statm); 0 where that file is missing."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class FreePageWatch:
+    """Calls release_free_memory() once RSS has grown past its level after the last release by `growth` x that
+    level or `min_bytes`, whichever is larger: with decay off, jemalloc keeps every freed page, and where the
+    batches' shapes vary (lengths grouped, shuffled) the freed sizes may not fit the next step's requests, so
+    RSS can climb by gigabytes between two log rows. Checked after every training step (one read of
+    /proc/self/statm); purges only when the growth is there, so steady steps keep their pages."""
+
+    def __init__(self, growth: float = 0.5, min_bytes: int = 512 << 20):
+        self.growth, self.min_bytes, self.floor = growth, min_bytes, None
+
+    def release(self) -> bool:
+        released = release_free_memory()
+        self.floor = current_rss_bytes()
+        return released
+
+    def check(self) -> bool:
+        """Releases if RSS has grown past the limit; True when it did."""
+        rss = current_rss_bytes()
+        if self.floor is None or rss < self.floor:
+            self.floor = rss
+            return False
+        if rss - self.floor > max(self.growth * self.floor, self.min_bytes):
+            self.release()
+            return True
+        return False
+
+
 def lean_cpu_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Pin glibc's mmap threshold at `threshold` bytes; True when it is in effect (see the module docstring)."""
     global _applied

@@ -218,3 +218,27 @@ def test_keep_triton_unloaded_stands_down_once_dynamo_is_imported(monkeypatch):
     monkeypatch.delitem(sys.modules, "triton", raising=False)
     memory.keep_triton_unloaded()
     assert "triton" not in sys.modules        # no sentinel left behind: nothing was imported under it
+
+
+@pytest.mark.parametrize("floor_mb, grow_mb, releases", [(1000, 400, False), (1000, 600, True),
+                                                          (4000, 1900, False), (4000, 2100, True)])
+def test_free_page_watch_releases_only_past_its_growth_limit(monkeypatch, floor_mb, grow_mb, releases):
+    rss, calls = [floor_mb << 20], []
+    monkeypatch.setattr(memory, "current_rss_bytes", lambda: rss[0])
+    monkeypatch.setattr(memory, "release_free_memory", lambda: calls.append(rss[0]) or True)
+    watch = memory.FreePageWatch(growth=0.5, min_bytes=512 << 20)
+    assert watch.check() is False and watch.floor == floor_mb << 20       # the first check sets the floor
+    rss[0] = (floor_mb + grow_mb) << 20
+    assert watch.check() is releases and len(calls) == int(releases)
+    if releases:
+        assert watch.floor == rss[0]          # the level right after the release is the new floor
+        rss[0] = floor_mb << 20
+        assert watch.check() is False and watch.floor == floor_mb << 20   # RSS fell: the floor follows it
+
+
+def test_current_rss_bytes_sees_a_touched_allocation():
+    import torch
+    before = memory.current_rss_bytes()
+    x = torch.ones(64 << 20, dtype=torch.uint8)       # 64 MiB, every page written
+    assert memory.current_rss_bytes() - before > 48 << 20
+    del x
