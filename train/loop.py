@@ -280,9 +280,10 @@ def _after_step(model, optimizer, plan: _Plan, state: _State, eval_fn, bar, lr: 
                 stats: dict) -> None:
     """A log row every log_every steps (and at the last), eval every eval_every, a checkpoint every save_every."""
     config, step = plan.config, state.step
-    state.pages.check()         # a release if RSS climbed since the last one (shapes that did not reuse pages)
     if step % config.log_every == 0 or step == plan.total_steps:
-        _log_row(plan, state, bar, lr, grad_norm, stats)
+        _log_row(plan, state, bar, lr, grad_norm, stats)              # releases freed pages itself
+    else:
+        state.pages.check()     # a release if RSS climbed since the last one (shapes that did not reuse pages)
     if eval_fn is not None and config.eval_every and step % config.eval_every == 0 and step < plan.total_steps:
         _evaluate(model, eval_fn, plan.autocast, state.log, step, plan.epochs_at(step), plan.main)
     if config.save_every and step % config.save_every == 0 and step < plan.total_steps and plan.main:

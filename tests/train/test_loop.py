@@ -519,3 +519,17 @@ def test_tensorboard_without_package_raises_before_training(tmp_path):
         pass
     with pytest.raises(ValueError, match="pip install tensorboard"):
         run(tmp_path, tensorboard=True)
+
+
+def test_fit_releases_freed_pages_when_rss_climbs_between_log_rows(tmp_path, monkeypatch):
+    """train.fit checks RSS after every step: a climb of 1 GiB a step triggers a release before the next log row."""
+    from train import memory
+    rss, released = [1 << 30], []
+    def climbing_rss():
+        rss[0] += 1 << 30
+        return rss[0]
+    monkeypatch.setattr(memory, "current_rss_bytes", climbing_rss)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: released.append(rss[0]) or True)
+    result, _ = run(tmp_path, log_every=1000, max_steps=6)
+    assert result.steps == 6
+    assert len(released) >= 2          # a purge from the watch between steps, plus the last step's log row
